@@ -127,7 +127,7 @@ def _softmax_factory(num_classes, embed_dim, **kw):
 
 CRITERIA = dict(softmax=_softmax_factory, mls=_softmax_factory,
                 gcpl=GCPLCriterion, rpl=RPLCriterion, arpl=ARPLCriterion)
-REJECTION_RULE = dict(softmax='msp', mls='mls', gcpl='mls', rpl='mls', arpl='mls')
+REJECTION_RULE = dict(softmax='msp', mls='mls', gcpl='msp', rpl='mls', arpl='mls')
 
 def register_criterion(name, factory, rule='mls'):
     "Add a method: `factory(num_classes, embed_dim, **kw)` -> criterion; `rule` ('msp'|'mls') its known-ness rule."

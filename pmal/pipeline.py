@@ -22,7 +22,7 @@ from .mining import mine_prototypes, Prototypes
 from .diversity import DIVERSITY
 from .loss import point_to_set_distance, nearest_prototype_distance, pmal_loss
 from .rejection import evaluate_rejection
-from .baselines import create_criterion
+from .baselines import create_criterion, REJECTION_RULE
 
 # %% ../nbs/22_pmal.ipynb #9061da59
 _CHOICES = dict(quality=('robustness', 'max_probability', 'ensemble_variance', 'mc_dropout'),
@@ -320,7 +320,7 @@ def train_baseline(method, split, backbone=None, recipe=None, device='cpu', work
     return model, criterion
 
 def evaluate_model(model, criterion, split, device='cpu', method='softmax'):
-    "Open-set metrics of a trained baseline: msp_* and mls_* from the head, <method>_* from its own scores."
+    "Open-set metrics of a trained baseline: msp_* and mls_* from the head, <method>_* from its own scores and rule."
     (zk, lk), (zu, lu) = [embed_part(model, p, split, device) for p in (split.test_known, split.test_unknown)]
     y_known = part_labels(split.test_known)
     res = evaluate_rejection(lk, y_known, lu)
@@ -328,7 +328,8 @@ def evaluate_model(model, criterion, split, device='cpu', method='softmax'):
         criterion = criterion.cpu().eval()
         with torch.no_grad(): sk, su = criterion.scores(zk), criterion.scores(zu)
         own = evaluate_rejection(sk, y_known, su)
-        res.update({f"{method}_{k.split('_', 1)[1]}": v for k, v in own.items() if k.startswith('mls_')})
+        rule = REJECTION_RULE.get(method, 'mls')
+        res.update({f"{method}_{k.split('_', 1)[1]}": v for k, v in own.items() if k.startswith(f'{rule}_')})
     return res
 
 # %% ../nbs/22_pmal.ipynb #60ff0ae1

@@ -6,10 +6,11 @@
 __all__ = ['DistContext', 'context', 'init_distributed', 'launch', 'all_gather_rows', 'all_mean', 'average_buffers',
            'replicas_agree', 'ShardedBatches', 'distributed_fit', 'row_range', 'distributed_topology_distance',
            'distributed_topology_robustness', 'distributed_mine_prototypes', 'distributed_mine_from_models',
-           'distributed_softmax_models', 'distributed_learn', 'distributed_pmal', 'main']
+           'distributed_pmal', 'main']
 
 # %% ../nbs/31_distributed.ipynb #540bda6d
 import argparse, inspect, json, os, pickle, socket, sys, tempfile, time, warnings
+from functools import partial
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -20,17 +21,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from .data import LoaderBatches, normalize, make_batches, _epoch_generator
-from .models import create_model, default_backbone
-from .train import (Recipe, SoftmaxCriterion, seed_everything, make_optimizer, make_scheduler, trainable_parameters,
-                    atomic_save, _train_epoch, _checkpoint_state, _resume)
+from .data import LoaderBatches, normalize, _epoch_generator
+from .train import Recipe, SoftmaxCriterion, prepare_training, atomic_save, _train_epoch, _checkpoint_state
 from .mahalanobis import centred_logits
-from .robustness import (topology_robustness, candidate_mask, model_pairs, reference_indices, rms_distance, scaled_gap,
-                         SCALINGS, _check_spaces, _augment, _block_rows, _run_blocks)
-from .diversity import select_prototypes
-from .mining import Prototypes, _default
-from .pipeline import (PMAL, PMALConfig, PMALCriterion, InputStats, embed_part, subset_part, part_labels,
-                       prototype_inputs, mine_from_models, _cached_prototypes, _work_file)
+from .robustness import topology_robustness, model_pairs, _check_spaces, _augment, _block_rows, _run_blocks
+from .mining import Prototypes, mine_prototypes, mine_from_centred
+from .pipeline import (PMAL, embed_part, subset_part, part_labels, mine_from_models, train_softmax_models,
+                       _cached_prototypes, _work_file)
 
 # %% ../nbs/31_distributed.ipynb #8f613977
 @dataclass(frozen=True)
@@ -222,16 +219,8 @@ def distributed_fit(model, batches, recipe=None, criterion=None, checkpoint=None
     recipe, criterion = recipe or Recipe(), criterion if criterion is not None else SoftmaxCriterion()
     batches = batches if isinstance(batches, ShardedBatches) else ShardedBatches(batches)
     device = torch.device(device or ctx.device)
-    seed_everything(recipe.seed)
     if sync_bn and ctx.world_size > 1 and device.type == 'cuda': nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model.to(device); criterion.to(device)
-    if device.type == 'cuda' and recipe.channels_last: model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(trainable_parameters(model, criterion), recipe)
-    scheduler = make_scheduler(optimizer, recipe)
-    checkpoint = Path(checkpoint) if checkpoint is not None else None
-    history, start = [], 0
-    if checkpoint is not None and checkpoint.exists():
-        history, start = _resume(checkpoint, model, criterion, optimizer, scheduler, recipe, device)
+    optimizer, scheduler, checkpoint, history, start = prepare_training(model, criterion, recipe, device, checkpoint)
     if start >= recipe.epochs: return history
     net = _Joint(torch.compile(model) if recipe.compile else model, criterion)
     if ctx.world_size > 1:
@@ -281,41 +270,14 @@ def distributed_topology_distance(centred, block_size=None, reference=None):
 
 def distributed_topology_robustness(centred, scaling='rms_excess', block_size=None, landmarks=None, seed=0):
     "pmal.robustness.topology_robustness (N,) with its O(N^2 K) part split across the ranks by row blocks."
-    if scaling not in SCALINGS: raise ValueError(f"scaling must be one of {SCALINGS}, got {scaling!r}")
-    spaces = _check_spaces(centred)
-    reference = reference_indices(len(spaces[0]), landmarks, seed, spaces[0].device)
-    refs = spaces if reference is None else [c[reference] for c in spaces]
-    if 'rms' in scaling:
-        spaces = [c / rms_distance(c, rc).clamp_min(torch.finfo(c.dtype).tiny) for c, rc in zip(spaces, refs)]
-    gap = distributed_topology_distance(spaces, block_size, reference)
-    r = torch.exp(-scaled_gap(gap, scaling, len(refs[0]))).clamp_min(torch.finfo(gap.dtype).tiny)
-    return r.mean(0)
+    return topology_robustness(centred, scaling, block_size, landmarks, seed, distance=distributed_topology_distance)
 
 # %% ../nbs/31_distributed.ipynb #b1842fb7
-def _mine_centred(centred, labels, T=10, eps=0.7, scaling=None, landmarks=None, diversity='algorithm1', seed=0,
-                  num_classes=None):
-    "pmal.mining.mine_prototypes (quality='robustness') from the centred logits, the robustness across the ranks."
-    N = len(labels)
-    kw = {} if scaling is None else {'scaling': scaling}
-    q = distributed_topology_robustness(centred, landmarks=landmarks, seed=seed, **kw).float()
-    cand = candidate_mask(q, labels, eps)
-    K = int(labels.max()) + 1 if num_classes is None else num_classes
-    indices = select_prototypes(centred[0], q, labels, cand, T, diversity=diversity, seed=seed, num_classes=K)
-    counts, sizes = torch.bincount(labels[cand], minlength=K).cpu(), torch.bincount(labels, minlength=K).cpu()
-    settings = dict(T=T, eps=eps, quality='robustness', diversity=diversity, seed=seed, U=len(centred), N=N, num_classes=K,
-                    scaling=_default(topology_robustness, 'scaling') if scaling is None else scaling,
-                    landmarks=landmarks, filled_classes=torch.nonzero(counts < T).flatten().tolist(),
-                    padded_classes=torch.nonzero(sizes < T).flatten().tolist())
-    return Prototypes(indices.cpu(), q.cpu(), cand.cpu(), labels.cpu(), settings)
-
 def distributed_mine_prototypes(embeddings, weights, labels, T=10, eps=0.7, scaling=None, landmarks=None,
                                 diversity='algorithm1', seed=0, num_classes=None):
     "pmal.mining.mine_prototypes with quality='robustness', the robustness split across the ranks (same inputs on every rank)."
-    if len(embeddings) != len(weights) or len(embeddings) < 2:
-        raise ValueError(f"give U >= 2 embeddings and one head weight each, got {len(embeddings)} and {len(weights)}")
-    labels = torch.as_tensor(labels).long()
-    centred = [centred_logits(z.float(), W.to(z.device).float()) for z, W in zip(embeddings, weights)]
-    return _mine_centred(centred, labels.to(centred[0].device), T, eps, scaling, landmarks, diversity, seed, num_classes)
+    return mine_prototypes(embeddings, weights, labels, T, eps, scaling, landmarks, 'robustness', diversity, None, seed,
+                           num_classes, robustness=distributed_topology_robustness)
 
 def _same_on_all(value):
     "Rank 0's value of a picklable object, on every rank."
@@ -341,51 +303,24 @@ def distributed_mine_from_models(models, split, config, device=None, work_dir=No
             W = m.head.weight.detach().float().cpu()
             z = embed_part(m, mine, split, device)[0] if b > a else torch.zeros(0, W.shape[1])
             centred.append(all_gather_rows(centred_logits(z, W)).to(device))  # robustness on the rank's device
-        protos = _mine_centred(centred, part_labels(split.train).long().to(device), config.T, config.eps, config.scaling,
-                               config.landmarks, config.diversity, 0, split.num_classes)
+        protos = mine_from_centred(centred, part_labels(split.train).long().to(device), config.T, config.eps,
+                                   config.scaling, config.landmarks, 'robustness', config.diversity, None, 0,
+                                   split.num_classes, robustness=distributed_topology_robustness)
     if path is not None and ctx.is_main: protos.save(path)
     if _active(): dist.barrier()
     return protos
 
 # %% ../nbs/31_distributed.ipynb #ee03ca05
-def distributed_softmax_models(split, backbone, recipe, U=2, device=None, work_dir=None, progress=True,
-                               sync_bn=False, **ddp_kwargs):
-    "Phase 1 on every rank: the U softmax models one after another, each data-parallel (seeds recipe.seed + u)."
-    models = []
-    for u in range(U):
-        r = replace(recipe, seed=recipe.seed + u)
-        seed_everything(r.seed)
-        model = create_model(backbone, split.num_classes, split.image_shape[0])
-        batches = make_batches(split.train, split, r.batch_size, train=True, device=device or context().device, seed=r.seed)
-        distributed_fit(model, batches, r, SoftmaxCriterion(), _work_file(work_dir, f'phase1_model{u}.pt'), device,
-                        progress, sync_bn=sync_bn, **ddp_kwargs)
-        models.append(model)
-    return models
-
-def distributed_learn(pmal, split, sync_bn=False, **ddp_kwargs):
-    "Phase 2 of a mined `PMAL` on every rank (as PMAL.learn, data-parallel)."
-    if pmal.prototypes is None: raise RuntimeError("distributed_learn needs mined prototypes: run phase 1 and mining first.")
-    recipe, config, device = pmal.recipe, pmal.config, pmal.device
-    seed_everything(recipe.seed)
-    pmal.model = create_model(pmal.backbone, pmal.num_classes, pmal.in_channels)
-    if config.init == 'm1': pmal.model.load_state_dict(pmal.phase1_models[0].state_dict())
-    pmal.criterion = PMALCriterion(prototype_inputs(split, pmal.prototypes.indices), config)
-    pmal.inputs = InputStats.of(split)
-    batches = make_batches(split.train, split, recipe.batch_size, train=True, device=device, seed=recipe.seed)
-    pmal.history = distributed_fit(pmal.model, batches, recipe, pmal.criterion, _work_file(pmal.work_dir, 'phase2.pt'),
-                                   device, pmal.progress, sync_bn=sync_bn, **ddp_kwargs)
-    return pmal
-
 def distributed_pmal(split, backbone=None, config=None, recipe=None, device=None, work_dir=None, progress=False,
                      sync_bn=False, **ddp_kwargs):
     "PMAL.fit on every rank of the process group: phase 1, mining and phase 2, data-parallel; the same PMAL everywhere."
-    device = device or context().device
+    device, trainer = device or context().device, partial(distributed_fit, sync_bn=sync_bn, **ddp_kwargs)
     pmal = PMAL.for_split(split, backbone, config=config, recipe=recipe, device=device, work_dir=work_dir,
-                          progress=progress)
-    pmal.phase1_models = distributed_softmax_models(split, pmal.backbone, pmal.recipe, pmal.config.U, device, work_dir,
-                                                    progress, sync_bn, **ddp_kwargs)
+                          progress=progress, trainer=trainer)
+    pmal.phase1_models = train_softmax_models(split, pmal.backbone, pmal.recipe, pmal.config.U, device, work_dir,
+                                              progress, trainer=trainer)
     pmal.prototypes = distributed_mine_from_models(pmal.phase1_models, split, pmal.config, device, work_dir)
-    return distributed_learn(pmal, split, sync_bn, **ddp_kwargs)
+    return pmal.learn(split)
 
 # %% ../nbs/31_distributed.ipynb #a0022628
 def _parser():

@@ -25,7 +25,7 @@ import torch
 import yaml
 
 import pmal
-from .data import BENCHMARKS, ImageSet, load_openset, make_batches
+from .data import BENCHMARKS, load_openset
 from .models import MODELS, default_backbone
 from .train import Recipe, PAPER_RECIPE, IMAGENET_RECIPE, seed_everything
 from .metrics import summarize

@@ -8,14 +8,14 @@ __all__ = ['PMALConfig', 'part_labels', 'subset_part', 'InputStats', 'embed_part
            'evaluate_model', 'carve_validation']
 
 # %% ../nbs/22_pmal.ipynb #97c49fef
-import os, warnings
+import warnings
 from dataclasses import dataclass, asdict, replace
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from .data import ImageSet, OpenSetSplit, make_batches
+from .data import ImageSet, make_batches
 from .models import create_model, default_backbone
 from .train import Recipe, fit, SoftmaxCriterion, seed_everything, atomic_save
 from .mining import mine_prototypes, Prototypes
@@ -165,16 +165,17 @@ def mc_dropout_probs(model, z, samples=20, p=0.5, seed=0):
     head = model.head.cpu()
     return torch.stack([head(z * m).softmax(-1) for m in masks])
 
-def train_softmax_models(split, backbone, recipe, U=2, device='cpu', work_dir=None, progress=True, on_epoch_end=None):
-    "Phase 1: U softmax classifiers, same recipe, seeds recipe.seed + u; checkpointed and resumable."
+def train_softmax_models(split, backbone, recipe, U=2, device='cpu', work_dir=None, progress=True, on_epoch_end=None,
+                         trainer=fit):
+    "Phase 1: U softmax classifiers, same recipe, seeds recipe.seed + u; checkpointed and resumable (`trainer`: fit or its DDP twin)."
     models = []
     for u in range(U):
         r = replace(recipe, seed=recipe.seed + u)
         seed_everything(r.seed)
         model = create_model(backbone, split.num_classes, split.image_shape[0])
         batches = make_batches(split.train, split, r.batch_size, train=True, device=device, seed=r.seed)
-        fit(model, batches, r, SoftmaxCriterion(), checkpoint=_work_file(work_dir, f'phase1_model{u}.pt'),
-            device=device, progress=progress, on_epoch_end=_stage_hook(on_epoch_end, f'phase1_model{u}'))
+        trainer(model, batches, r, SoftmaxCriterion(), checkpoint=_work_file(work_dir, f'phase1_model{u}.pt'),
+                device=device, progress=progress, on_epoch_end=_stage_hook(on_epoch_end, f'phase1_model{u}'))
         models.append(model)
     return models
 
@@ -219,10 +220,11 @@ def prototype_inputs(split, indices):
 class PMAL:
     "Prototype Mining And Learning: fit (mine + learn), scores, predict, evaluate, save and load."
     def __init__(self, num_classes, backbone='digits_net', in_channels=1, config=None, recipe=None,
-                 device='cpu', work_dir=None, progress=True, on_epoch_end=None):
+                 device='cpu', work_dir=None, progress=True, on_epoch_end=None, trainer=fit):
         self.num_classes, self.backbone, self.in_channels = num_classes, backbone, in_channels
         self.config, self.recipe = config or PMALConfig(), recipe or Recipe()
         self.device, self.work_dir, self.progress, self.on_epoch_end = device, work_dir, progress, on_epoch_end
+        self.trainer = trainer  # the training loop: pmal.train.fit, or pmal.distributed.distributed_fit under torchrun
         self.model = self.criterion = self.prototypes = self.inputs = None
         self.phase1_models, self.history = [], []
 
@@ -234,7 +236,7 @@ class PMAL:
     def mine(self, split):
         "Phase 1: train the U softmax models and mine T prototypes per class."
         self.phase1_models = train_softmax_models(split, self.backbone, self.recipe, self.config.U, self.device,
-                                                  self.work_dir, self.progress, self.on_epoch_end)
+                                                  self.work_dir, self.progress, self.on_epoch_end, self.trainer)
         self.prototypes = mine_from_models(self.phase1_models, split, self.config, self.device, self.work_dir)
         return self
 
@@ -248,8 +250,9 @@ class PMAL:
         self.inputs = InputStats.of(split)
         batches = make_batches(split.train, split, self.recipe.batch_size, train=True, device=self.device,
                                seed=self.recipe.seed)
-        self.history = fit(self.model, batches, self.recipe, self.criterion, checkpoint=_work_file(self.work_dir, 'phase2.pt'),
-                           device=self.device, progress=self.progress, on_epoch_end=_stage_hook(self.on_epoch_end, 'phase2'))
+        self.history = self.trainer(self.model, batches, self.recipe, self.criterion,
+                                    checkpoint=_work_file(self.work_dir, 'phase2.pt'), device=self.device,
+                                    progress=self.progress, on_epoch_end=_stage_hook(self.on_epoch_end, 'phase2'))
         return self
 
     def fit(self, split):

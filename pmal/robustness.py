@@ -123,7 +123,8 @@ def reference_indices(N, landmarks=None, seed=0, device='cpu'):
     return torch.randperm(N, generator=g)[:M].sort().values.to(device)
 
 # %% ../nbs/12_robustness.ipynb #d16a629a
-def topology_robustness(centred, scaling='rms_excess', block_size=None, landmarks=None, seed=0):
+def topology_robustness(centred, scaling='rms_excess', block_size=None, landmarks=None, seed=0,
+                        distance=topology_distance):
     "Embedding topology robustness r (N,) of Eq. 7 in (0, 1], averaged over model pairs; exact in row blocks."
     if scaling not in SCALINGS: raise ValueError(f"scaling must be one of {SCALINGS}, got {scaling!r}")
     spaces = _check_spaces(centred)
@@ -131,7 +132,7 @@ def topology_robustness(centred, scaling='rms_excess', block_size=None, landmark
     refs = spaces if reference is None else [c[reference] for c in spaces]
     if 'rms' in scaling:
         spaces = [c / rms_distance(c, rc).clamp_min(torch.finfo(c.dtype).tiny) for c, rc in zip(spaces, refs)]
-    gap = topology_distance(spaces, block_size, reference)
+    gap = distance(spaces, block_size, reference)  # topology_distance, or a version split across ranks
     r = torch.exp(-scaled_gap(gap, scaling, len(refs[0]))).clamp_min(torch.finfo(gap.dtype).tiny)
     return r.mean(0)
 

@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['PAPER_RECIPE', 'IMAGENET_RECIPE', 'Recipe', 'make_optimizer', 'make_scheduler', 'seed_everything', 'SoftmaxCriterion',
-           'trainable_parameters', 'NonFiniteLossError', 'atomic_save', 'fit', 'embed']
+           'trainable_parameters', 'NonFiniteLossError', 'atomic_save', 'prepare_training', 'fit', 'embed']
 
 # %% ../nbs/02_train.ipynb #e8c5f5df
 import os, time, random
@@ -167,13 +167,8 @@ def _resume(path, model, criterion, optimizer, scheduler, recipe, device):
     if device.type == 'cuda' and s['rng_cuda'] is not None: torch.cuda.set_rng_state(s['rng_cuda'], device)
     return list(s['history']), int(s['epoch'])
 
-def fit(model, batches, recipe=None, criterion=None, checkpoint=None, device='cpu', progress=True,
-        on_epoch_end=None):
-    "Train `model` (and `criterion`'s parameters) on `batches` with `recipe`; checkpointed, resumable; returns history."
-    recipe, criterion = recipe or Recipe(), criterion if criterion is not None else SoftmaxCriterion()
-    if not (hasattr(batches, 'epoch') and hasattr(batches, '__len__')):
-        raise TypeError("batches must have .epoch(e) and len() — build it with pmal.data.make_batches.")
-    device = torch.device(device)
+def prepare_training(model, criterion, recipe, device, checkpoint=None):
+    "Seed, place model and criterion, build optimiser and scheduler, resume: (optimizer, scheduler, checkpoint, history, start)."
     seed_everything(recipe.seed)
     model.to(device); criterion.to(device)
     if device.type == 'cuda' and recipe.channels_last: model.to(memory_format=torch.channels_last)
@@ -183,6 +178,16 @@ def fit(model, batches, recipe=None, criterion=None, checkpoint=None, device='cp
     history, start = [], 0
     if checkpoint is not None and checkpoint.exists():
         history, start = _resume(checkpoint, model, criterion, optimizer, scheduler, recipe, device)
+    return optimizer, scheduler, checkpoint, history, start
+
+def fit(model, batches, recipe=None, criterion=None, checkpoint=None, device='cpu', progress=True,
+        on_epoch_end=None):
+    "Train `model` (and `criterion`'s parameters) on `batches` with `recipe`; checkpointed, resumable; returns history."
+    recipe, criterion = recipe or Recipe(), criterion if criterion is not None else SoftmaxCriterion()
+    if not (hasattr(batches, 'epoch') and hasattr(batches, '__len__')):
+        raise TypeError("batches must have .epoch(e) and len() — build it with pmal.data.make_batches.")
+    device = torch.device(device)
+    optimizer, scheduler, checkpoint, history, start = prepare_training(model, criterion, recipe, device, checkpoint)
     if start >= recipe.epochs: return history
     net = torch.compile(model) if recipe.compile else model
     bar = tqdm(range(start, recipe.epochs), initial=start, total=recipe.epochs, disable=not progress, desc='fit')

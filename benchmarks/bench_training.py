@@ -7,18 +7,19 @@ Pipelines (same model, batch size, Adam step, device, synthetic uint8 data of th
   fast_fp32   pmal.data.DeviceBatches (the whole uint8 split on the device, batched crop+flip there) through
               pmal.train's own epoch loop, float32, default memory format: the input path alone.
   fast        the same + the recipe flags amp (bf16 autocast) and channels_last.
-  fast_epochidx fast, with the epoch's order and crop/flip draws sent to the device once per epoch (EpochIndexBatches,
-              a proposed change to DeviceBatches: no blocking host->device copy per batch).
-  fast_compile  fast_epochidx + torch.compile (default mode), for the models in --compile-models.
-  fast_graphs   fast_epochidx + torch.compile(mode="reduce-overhead") (CUDA graphs), for --compile-models.
-  fast_stepgraph  the whole step (bf16 forward, backward, Adam(capturable=True)) in one CUDA graph, replayed per batch
-              (not a pmal.train option: what a launch-free step would give).
+  fast_compile  fast + torch.compile (default mode, = Recipe(compile=True)), for the models in --compile-models.
+  fast_graphs   fast + torch.compile(mode="reduce-overhead") (CUDA graphs of forward and backward; not a Recipe
+              option), for the models in --compile-models.
+  fast_stepgraph  fast + Recipe(cuda_graph=True): pmal.train.CUDAGraphStep replays the whole step (bf16 forward,
+              backward, Adam(capturable=True), the epoch's loss and accuracy sums) as one CUDA graph.
+  step_only   fast_stepgraph's step replayed on one fixed batch: no data path, no epoch loop (an upper bound).
 Warm-up steps are excluded; the device is synchronised before each clock read. The number of timed steps is chosen
 from a short calibration so that each configuration takes about --seconds (between --min-steps and --steps).
 Epoch time = images in the split / images per second.
 
 --concurrent U also times phase 1's U softmax models (--u-pipeline, first model and shape): one after the
-other in one process, then U processes at once on the same device (CUDA time-slices between them).
+other in one process; U processes at once on the same device (CUDA time-slices between them); and U threads with
+a CUDA stream each in one process (pmal.train.run_concurrently, what train_softmax_models(concurrent=True) does).
 
 Usage:
   python benchmarks/bench_training.py --device cuda --workers 8 --json bench.json --concurrent 2
@@ -35,7 +36,6 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -45,7 +45,7 @@ from torchvision import transforms as T
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from pmal.data import DeviceBatches, ImageSet
 from pmal.models import create_model
-from pmal.train import Recipe, SoftmaxCriterion, _train_epoch, make_optimizer, trainable_parameters
+from pmal.train import Recipe, SoftmaxCriterion, _train_epoch, make_step, prepare_training, run_concurrently
 
 SHAPES = {  # name: (C, H, W, training images, classes) -- CIFAR10 6 known classes, TinyImageNet 20
     'cifar': (3, 32, 32, 30_000, 6),
@@ -85,30 +85,6 @@ def forever(loader):
     while True: yield from loader
 
 
-class EpochIndexBatches(DeviceBatches):
-    """DeviceBatches with the epoch's order and crop/flip draws sent to the device once per epoch (and mean/std once),
-    instead of per batch: the same batches (same generator draws), without the host<->device synchronisation that each
-    blocking copy of a small CPU tensor costs. A proposed change to pmal.data.DeviceBatches, timed here."""
-    def epoch(self, e=0):
-        from pmal.data import _epoch_generator, crop_flip
-        n, g = len(self.x), _epoch_generator(self.seed, e)
-        order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
-        dev = lambda t: None if t is None else t.to(self.device, non_blocking=False)
-        order = dev(order)
-        if self.augment != 'none':
-            dy, dx = dev(torch.randint(0, 2 * self.pad + 1, (2, n), generator=g))
-            flip = dev(torch.randint(0, 2, (n,), generator=g).bool()) if self.augment == 'crop_flip' else None
-        mean = torch.tensor(self.mean, device=self.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=self.device).view(1, -1, 1, 1)
-        for b in range(len(self)):
-            sl = slice(b * self.batch_size, (b + 1) * self.batch_size)
-            idx = order[sl]
-            x = self.x[idx]
-            if self.augment != 'none':
-                x = crop_flip(x, dy[sl], dx[sl], None if flip is None else flip[sl], self.pad)
-            yield x.float().div_(255).sub_(mean).div_(std), self.y[idx]
-
-
 class Steps:
     "`batches`-like object for pmal.train._train_epoch: `n` full batches continuing over DeviceBatches epochs."
     def __init__(self, batches):
@@ -130,15 +106,13 @@ def sync(device):
 
 
 def setup_model(name, k, device, recipe, seed=0, compile_mode=None):
-    "Model, criterion, optimizer and the (maybe compiled) network, as pmal.train.fit sets them up."
+    "Model, optimizer and the training step (maybe compiled or graphed), as pmal.train.fit sets them up."
     torch.manual_seed(seed)
-    model = create_model(name, k, 3).to(device)
-    if device.type == 'cuda' and recipe.channels_last: model.to(memory_format=torch.channels_last)
-    crit = SoftmaxCriterion().to(device)
-    opt = make_optimizer(trainable_parameters(model, crit), recipe)
+    model, crit = create_model(name, k, 3), SoftmaxCriterion()
+    opt = prepare_training(model, crit, replace(recipe, seed=seed), device)[0]
     if compile_mode in (None, False, True): net = torch.compile(model) if recipe.compile else model
     else: net = torch.compile(model, mode=compile_mode)
-    return model, crit, opt, net
+    return model, opt, make_step(net, crit, opt, recipe, device)
 
 
 def timed(run_steps, warmup, args, device):
@@ -154,7 +128,7 @@ def timed(run_steps, warmup, args, device):
 def bench_reference(model_name, images, k, args, device):
     "Images/s of the reference pipeline (reference loop: float32, loss.item() every step)."
     recipe = Recipe(lr=args.lr)
-    model, crit, opt, _ = setup_model(model_name, k, device, recipe)
+    model, opt, _ = setup_model(model_name, k, device, recipe)
     model.train()
     batches = forever(reference_loader(images, args.batch_size, args.workers, device))
     def run_steps(n):
@@ -170,73 +144,42 @@ def bench_reference(model_name, images, k, args, device):
     return timed(run_steps, args.warmup, args, device)
 
 
-def bench_fast(model_name, images, k, args, device, amp, channels_last, compile_, epoch_index=False, seed=0):
+def fast_recipe(args, amp, channels_last, compile_, cuda_graph):
+    return Recipe(lr=args.lr, amp=amp, channels_last=channels_last, compile=compile_ is True, cuda_graph=cuda_graph,
+                  batch_size=args.batch_size)
+
+
+def fast_steps(model_name, images, k, args, device, flags, seed=0):
+    "A function running n steps of DeviceBatches + pmal.train's epoch loop with the pipeline's recipe flags."
+    recipe = fast_recipe(args, *flags)
+    _, _, step = setup_model(model_name, k, device, recipe, seed, flags[2])
+    steps = Steps(DeviceBatches(images, args.batch_size, shuffle=True, augment='crop_flip', mean=MEAN, std=STD,
+                                device=device, seed=seed))
+    return lambda n: _train_epoch(step, steps.take(n), 0, device, False)
+
+
+def bench_fast(model_name, images, k, args, device, *flags):
     "Images/s of DeviceBatches + pmal.train's epoch loop with the given recipe flags."
-    recipe = Recipe(lr=args.lr, amp=amp, channels_last=channels_last, compile=bool(compile_), batch_size=args.batch_size)
-    model, crit, opt, net = setup_model(model_name, k, device, recipe, seed, compile_)
-    cls = EpochIndexBatches if epoch_index else DeviceBatches
-    steps = Steps(cls(images, args.batch_size, shuffle=True, augment='crop_flip', mean=MEAN, std=STD,
-                      device=device, seed=seed))
-    run_steps = lambda n: _train_epoch(net, crit, steps.take(n), opt, 0, recipe, device, False)
-    warmup = args.warmup + (args.compile_warmup if compile_ else 0)
-    return timed(run_steps, warmup, args, device)
+    warmup = args.warmup + (args.compile_warmup if flags[2] else 0)
+    return timed(fast_steps(model_name, images, k, args, device, flags), warmup, args, device)
 
 
-def check_epoch_index(device):
-    "EpochIndexBatches yields exactly DeviceBatches' batches."
-    images, _ = synthetic('cifar', 0.01)
-    kw = dict(shuffle=True, augment='crop_flip', mean=MEAN, std=STD, device=device, seed=5)
-    for e in (0, 1):
-        for (x, y), (x2, y2) in zip(DeviceBatches(images, 64, **kw).epoch(e), EpochIndexBatches(images, 64, **kw).epoch(e)):
-            assert torch.equal(y, y2) and torch.allclose(x, x2, rtol=0, atol=1e-6), 'EpochIndexBatches differs'
-    print('EpochIndexBatches == DeviceBatches: ok', flush=True)
-
-
-def bench_step_graph(model_name, images, k, args, device, seed=0):
-    """Images/s with the whole step (bf16 forward, backward, Adam(capturable=True)) captured in one CUDA graph and
-    replayed per batch (EpochIndexBatches, channels_last): what a launch-free pmal.train step would give."""
-    if device.type != 'cuda': raise RuntimeError('fast_stepgraph needs a CUDA device')
-    torch.manual_seed(seed)
-    model = create_model(model_name, k, 3).to(device).to(memory_format=torch.channels_last).train()
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=5e-4, capturable=True)
-    it = Steps(EpochIndexBatches(images, args.batch_size, shuffle=True, augment='crop_flip', mean=MEAN, std=STD,
-                                 device=device, seed=seed))
-    x0, y0 = next(iter(it.take(1).epoch(0)))
-    static_x, static_y = x0.contiguous(memory_format=torch.channels_last), y0.clone()
-
-    def step():
-        with torch.autocast('cuda', dtype=torch.bfloat16, cache_enabled=False):  # no autocast cache under capture
-            _, logits = model(static_x)
-        loss = F.cross_entropy(logits.float(), static_y)
-        loss.backward()
-        opt.step()
-        return loss
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up before capture, on a side stream (PyTorch's whole-network recipe)
-        for _ in range(3):
-            opt.zero_grad(set_to_none=True)
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    opt.zero_grad(set_to_none=True)  # backward inside the graph allocates (and overwrites) the grads
-    with torch.cuda.graph(graph):
-        static_loss = step()
-
+def bench_step_only(model_name, images, k, args, device):
+    "Images/s of fast_stepgraph's step alone, on one fixed batch: the bound without the data path and epoch loop."
+    _, _, step = setup_model(model_name, k, device, fast_recipe(args, *PIPELINES['fast_stepgraph']))
+    x, y = next(iter(DeviceBatches(images, args.batch_size, shuffle=True, augment='crop_flip', mean=MEAN, std=STD,
+                                   device=device).epoch(0)))
+    x = x.contiguous(memory_format=torch.channels_last)
     def run_steps(n):
-        for x, y in it.take(n).epoch(0):
-            static_x.copy_(x); static_y.copy_(y)
-            graph.replay()
-        if not torch.isfinite(static_loss).item(): raise RuntimeError('non-finite loss under the CUDA graph')
+        for _ in range(n): step(x, y)
     return timed(run_steps, args.warmup, args, device)
 
 
-PIPELINES = dict(  # (amp, channels_last, compile, per-epoch index transfer)
+PIPELINES = dict(  # (amp, channels_last, compile, cuda_graph)
     reference=None, fast_fp32=(False, False, False, False), fast=(True, True, False, False),
-    fast_epochidx=(True, True, False, True), fast_compile=(True, True, True, True),
-    fast_graphs=(True, True, 'reduce-overhead', True), fast_stepgraph='whole step in one CUDA graph')
-COMPILED = ('fast_compile', 'fast_graphs')
+    fast_compile=(True, True, True, False), fast_graphs=(True, True, 'reduce-overhead', False),
+    fast_stepgraph=(True, True, False, True), fast_compile_stepgraph=(True, True, True, True), step_only='fast_stepgraph on one fixed batch')
+COMPILED = ('fast_compile', 'fast_graphs', 'fast_compile_stepgraph')
 
 
 def environment(device):
@@ -266,7 +209,7 @@ def run_matrix(args, device, save=lambda rows: None):
                 t_start = time.perf_counter()
                 try:
                     if pipe == 'reference': steps, secs = bench_reference(model_name, images, k, args, device)
-                    elif pipe == 'fast_stepgraph': steps, secs = bench_step_graph(model_name, images, k, args, device)
+                    elif pipe == 'step_only': steps, secs = bench_step_only(model_name, images, k, args, device)
                     else: steps, secs = bench_fast(model_name, images, k, args, device, *PIPELINES[pipe])
                     torch._dynamo.reset()
                 except Exception as e:  # keep the other configurations' figures
@@ -294,48 +237,67 @@ def fmt_row(r):
 
 
 # ---- phase 1's U models: one after the other vs at once --------------------------------------------------
+def _u_runs(args, device, n_models, seed0):
+    "For each of `n_models` models (warmed up): a function training it for the timed steps."
+    images, k = synthetic(args.shapes[0], args.n_scale)
+    runs = []
+    for m in range(n_models):
+        run_steps = fast_steps(args.models[0], images, k, args, device, PIPELINES[args.u_pipeline], seed=seed0 + m)
+        run_steps(args.warmup)
+        runs.append(lambda run_steps=run_steps: run_steps(args.u_steps))
+    sync(device)
+    return runs
+
+
 def _u_worker(rank, args, device_str, n_models, barrier, queue):
     "Train `n_models` models (one after another) for the timed steps; report (start, end) of the timed part."
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // 4))
     device = torch.device(device_str)
-    images, k = synthetic(args.shapes[0], args.n_scale)
-    amp, channels_last, _, epoch_index = PIPELINES[args.u_pipeline]
-    runs = []
-    for m in range(n_models):
-        recipe = Recipe(lr=args.lr, amp=amp, channels_last=channels_last, batch_size=args.batch_size)
-        model, crit, opt, net = setup_model(args.models[0], k, device, recipe, seed=rank + m)
-        cls = EpochIndexBatches if epoch_index else DeviceBatches
-        steps = Steps(cls(images, args.batch_size, shuffle=True, augment='crop_flip', mean=MEAN, std=STD,
-                          device=device, seed=rank + m))
-        runs.append((crit, opt, net, recipe, steps))
-        _train_epoch(net, crit, steps.take(args.warmup), opt, 0, recipe, device, False)
-    sync(device)
+    runs = _u_runs(args, device, n_models, rank)
     barrier.wait()
     t0 = time.monotonic()
-    for crit, opt, net, recipe, steps in runs:  # one after the other
-        _train_epoch(net, crit, steps.take(args.u_steps), opt, 0, recipe, device, False)
-        sync(device)
+    for run in runs:
+        run(); sync(device)
     queue.put((rank, t0, time.monotonic()))
 
 
+def _u_threads(args, device):
+    "(start, end) of the timed steps of U models trained at once by pmal.train.run_concurrently in this process."
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // 4))  # as in each _u_worker process
+    runs = _u_runs(args, device, args.concurrent, 0)
+    t0 = time.monotonic()
+    run_concurrently(runs, device)
+    sync(device)
+    return [(0, t0, time.monotonic())]
+
+
 def run_concurrent(args, device):
-    "Wall time of U models trained one after the other (one process) vs U processes at once."
+    "Wall time of U models trained one after the other (one process) vs U processes at once vs U threads at once."
     import torch.multiprocessing as mp
     ctx = mp.get_context('spawn')
     U, out = args.concurrent, {}
-    for mode, procs, per_proc in (('sequential', 1, U), ('concurrent', U, 1)):
-        barrier, queue = ctx.Barrier(procs), ctx.SimpleQueue()
-        ps = [ctx.Process(target=_u_worker, args=(r, args, str(device), per_proc, barrier, queue)) for r in range(procs)]
-        for p in ps: p.start()
-        res = [queue.get() for _ in ps]
-        for p in ps: p.join()
+    for mode, procs, per_proc in (('sequential', 1, U), ('processes', U, 1), ('threads', 0, U)):
+        if procs:
+            barrier, queue = ctx.Barrier(procs), ctx.SimpleQueue()
+            ps = [ctx.Process(target=_u_worker, args=(r, args, str(device), per_proc, barrier, queue)) for r in range(procs)]
+            for p in ps: p.start()
+            res = [queue.get() for _ in ps]
+            for p in ps: p.join()
+        else:
+            try: res = _u_threads(args, device)
+            except Exception as e:
+                print(f"U={U} threads failed: {type(e).__name__}: {e}", flush=True)
+                continue
         wall = max(e for _, _, e in res) - min(s for _, s, _ in res)
         out[mode] = dict(wall_s=wall, images_per_s=U * args.u_steps * args.batch_size / wall)
-        print(f"U={U} {args.models[0]} {args.shapes[0]} {mode:<10}: {U} x {args.u_steps} steps in {wall:.2f} s "
-              f"({out[mode]['images_per_s']:.0f} img/s over all models)", flush=True)
-    out['speedup'] = out['sequential']['wall_s'] / out['concurrent']['wall_s']
-    print(f"U={U} concurrent speedup: {out['speedup']:.2f}x", flush=True)
-    return dict(U=U, model=args.models[0], shape=args.shapes[0], steps_per_model=args.u_steps, **out)
+        print(f"U={U} {args.models[0]} {args.shapes[0]} {args.u_pipeline} {mode:<10}: {U} x {args.u_steps} steps in "
+              f"{wall:.2f} s ({out[mode]['images_per_s']:.0f} img/s over all models)", flush=True)
+    for mode in ('processes', 'threads'):
+        if mode in out:
+            out[f'speedup_{mode}'] = out['sequential']['wall_s'] / out[mode]['wall_s']
+            print(f"U={U} {mode} speedup: {out[f'speedup_{mode}']:.2f}x", flush=True)
+    return dict(U=U, model=args.models[0], shape=args.shapes[0], pipeline=args.u_pipeline,
+                steps_per_model=args.u_steps, **out)
 
 
 def main(argv=None):
@@ -343,7 +305,7 @@ def main(argv=None):
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--models', nargs='+', default=['classifier32', 'wrn40_4'])
     p.add_argument('--shapes', nargs='+', default=['cifar', 'tiny'], choices=list(SHAPES))
-    p.add_argument('--pipelines', nargs='+', default=['reference', 'fast_fp32', 'fast', 'fast_epochidx', 'fast_compile'],
+    p.add_argument('--pipelines', nargs='+', default=['reference', 'fast_fp32', 'fast', 'fast_stepgraph'],
                    choices=list(PIPELINES))
     p.add_argument('--compile-models', nargs='*', default=['classifier32'], help='models timed with torch.compile')
     p.add_argument('--n-scale', type=float, default=1.0, help='fraction of the 30,000 / 10,000 training images')
@@ -360,9 +322,8 @@ def main(argv=None):
     p.add_argument('--threads', type=int, default=0, help='torch CPU threads (0: torch default)')
     p.add_argument('--concurrent', type=int, default=0, help='also time U phase-1 models one after another vs at once')
     p.add_argument('--u-steps', type=int, default=200, help='timed steps per model in the --concurrent test')
-    p.add_argument('--u-pipeline', default='fast', choices=['fast', 'fast_epochidx', 'fast_fp32'],
+    p.add_argument('--u-pipeline', default='fast', choices=['fast', 'fast_stepgraph', 'fast_fp32'],
                    help='pipeline of the --concurrent test')
-    p.add_argument('--check', action='store_true', help='check that EpochIndexBatches gives DeviceBatches\' batches')
     p.add_argument('--skip-matrix', action='store_true', help='only the --concurrent test')
     p.add_argument('--json', help='write the results (environment, rows, concurrent) to this JSON file')
     args = p.parse_args(argv)
@@ -371,7 +332,6 @@ def main(argv=None):
     torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark  # the reference code sets it; same for every pipeline
     env = environment(device)
     print(json.dumps(env), flush=True)
-    if args.check: check_epoch_index(device)
     rows = [] if args.skip_matrix else run_matrix(args, device, lambda rows: write_json(args, env, rows, None))
     conc = run_concurrent(args, device) if args.concurrent >= 2 else None
     write_json(args, env, rows, conc)

@@ -38,9 +38,10 @@ def _check_sizes(num_classes, embed_dim, per_class):
         raise ValueError(f"need num_classes >= 2, embed_dim >= 1 and at least one point per class; "
                          f"got {num_classes}, {embed_dim}, {per_class}")
 
-# %% ../nbs/23_baselines.ipynb #8ee2c756
+# %% ../nbs/23_baselines.ipynb #036d6d90
 class GCPLCriterion(nn.Module):
     "GCPL: DCE on -gamma * squared distance to the nearest class prototype + lambda * prototype loss."
+    graph_safe = True  # pure tensor ops: pmal.train may replay its step as a CUDA graph
     def __init__(self, num_classes, embed_dim, gamma=1.0, lambda_=0.01, prototypes_per_class=1, init_std=0.1):
         super().__init__()
         _check_sizes(num_classes, embed_dim, prototypes_per_class)
@@ -62,9 +63,10 @@ class GCPLCriterion(nn.Module):
         pl = d2.gather(1, y[:, None]).mean()
         return F.cross_entropy(logits, y) + self.lambda_ * pl, logits
 
-# %% ../nbs/23_baselines.ipynb #bc5868b2
+# %% ../nbs/23_baselines.ipynb #01ee6276
 class RPLCriterion(nn.Module):
     "RPL: CE on the distances to learnable reciprocal points + lambda * (d_e(z, P_y) - R)^2."
+    graph_safe = True  # pure tensor ops (ARPL too): pmal.train may replay its step as a CUDA graph
     def __init__(self, num_classes, embed_dim, lambda_=0.1, temperature=1.0, points_per_class=1, init_std=0.1):
         super().__init__()
         _check_sizes(num_classes, embed_dim, points_per_class)
@@ -120,7 +122,7 @@ class ARPLCriterion(RPLCriterion):
         "MarginRankingLoss(R, d_e(z, P_y), target 1) = mean [d_e - R + margin]_+ ."
         return F.margin_ranking_loss(self.radius.expand_as(d_own), d_own, torch.ones_like(d_own), margin=self.margin)
 
-# %% ../nbs/23_baselines.ipynb #6f220399
+# %% ../nbs/23_baselines.ipynb #1a1d0126
 def _softmax_factory(num_classes, embed_dim, **kw):
     "Softmax / MLS: the plain cross-entropy classifier (the head does the work; sizes are not needed)."
     return SoftmaxCriterion(**kw)

@@ -486,7 +486,7 @@ def normalize(x, mean, std):
     s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     return x.sub_(m).div_(s)
 
-# %% ../nbs/00_data.ipynb #2d6f9d49
+# %% ../nbs/00_data.ipynb #0f25b88f
 class DeviceBatches:
     "Seeded epochs of (normalised float images, labels) from an ImageSet held once on `device`."
     def __init__(self, images, batch_size, *, shuffle, augment='none', mean, std, device='cpu', seed=0,
@@ -506,17 +506,20 @@ class DeviceBatches:
         "Iterator over the batches of epoch `e` (identical whenever replayed)."
         n, g = len(self.x), _epoch_generator(self.seed, e)
         order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
+        dy = dx = flip = None
         if self.augment != 'none':
             dy, dx = torch.randint(0, 2 * self.pad + 1, (2, n), generator=g)
             flip = torch.randint(0, 2, (n,), generator=g).bool() if self.augment == 'crop_flip' else None
+        # the epoch's draws go to the device once: a small copy per batch would make every step wait for the GPU
+        order, dy, dx, flip, mean, std = (None if t is None else torch.as_tensor(t, device=self.device)
+                                          for t in (order, dy, dx, flip, self.mean, self.std))
         for b in range(len(self)):
             sl = slice(b * self.batch_size, (b + 1) * self.batch_size)
-            idx = order[sl].to(self.device)
+            idx = order[sl]
             x = self.x[idx]
             if self.augment != 'none':
-                dev = lambda t: None if t is None else t[sl].to(self.device)
-                x = crop_flip(x, dev(dy), dev(dx), dev(flip), self.pad)
-            yield normalize(x, self.mean, self.std), self.y[idx]
+                x = crop_flip(x, dy[sl], dx[sl], None if flip is None else flip[sl], self.pad)
+            yield normalize(x, mean, std), self.y[idx]
 
     def __iter__(self): return self.epoch(0)
 

@@ -8,7 +8,7 @@ __all__ = ['DistContext', 'context', 'init_distributed', 'launch', 'all_gather_r
            'distributed_topology_robustness', 'distributed_mine_prototypes', 'distributed_mine_from_models',
            'distributed_pmal', 'main']
 
-# %% ../nbs/31_distributed.ipynb #540bda6d
+# %% ../nbs/31_distributed.ipynb #113cde71
 import argparse, inspect, json, os, pickle, socket, sys, tempfile, time, warnings
 from functools import partial
 from dataclasses import dataclass, replace
@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from .data import LoaderBatches, normalize, _epoch_generator
-from .train import Recipe, SoftmaxCriterion, prepare_training, atomic_save, _train_epoch, _checkpoint_state
+from .train import Recipe, SoftmaxCriterion, prepare_training, atomic_save, _train_epoch, _checkpoint_state, EagerStep
 from .mahalanobis import centred_logits
 from .robustness import topology_robustness, model_pairs, _check_spaces, _augment, _block_rows, _run_blocks
 from .mining import Prototypes, mine_prototypes, mine_from_centred
@@ -192,7 +192,7 @@ class ShardedBatches:
         for x, y in loader:
             yield normalize(x.to(lb.device, non_blocking=True), lb.mean, lb.std), y.to(lb.device, non_blocking=True)
 
-# %% ../nbs/31_distributed.ipynb #e4c8c38c
+# %% ../nbs/31_distributed.ipynb #c34089a6
 class _Joint(nn.Module):
     "Model and criterion as one module, so that DDP sees one forward per step: forward(x, y) = criterion(model, x, y)."
     def __init__(self, model, criterion):
@@ -219,6 +219,9 @@ def distributed_fit(model, batches, recipe=None, criterion=None, checkpoint=None
     recipe, criterion = recipe or Recipe(), criterion if criterion is not None else SoftmaxCriterion()
     batches = batches if isinstance(batches, ShardedBatches) else ShardedBatches(batches)
     device = torch.device(device or ctx.device)
+    if recipe.cuda_graph and device.type == 'cuda':
+        raise ValueError("distributed_fit does not replay CUDA graphs (DDP's gradient all-reduce would have to be "
+                         "captured too): train with Recipe(cuda_graph=False), or use Recipe(compile=True).")
     if sync_bn and ctx.world_size > 1 and device.type == 'cuda': nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer, scheduler, checkpoint, history, start = prepare_training(model, criterion, recipe, device, checkpoint)
     if start >= recipe.epochs: return history
@@ -226,13 +229,13 @@ def distributed_fit(model, batches, recipe=None, criterion=None, checkpoint=None
     if ctx.world_size > 1:
         net = DistributedDataParallel(net, device_ids=[device.index] if device.type == 'cuda' else None,
                                       **{'static_graph': True, _NO_BUFFER_SYNC: False, **ddp_kwargs})
+    step = EagerStep(net, _CallJoint(), optimizer, recipe, device)
     for epoch in range(start, recipe.epochs):
         torch.manual_seed(_rank_seed(recipe.seed, epoch, ctx.rank))
         t0, lr = time.perf_counter(), optimizer.param_groups[0]['lr']
         with warnings.catch_warnings():  # harmless: a 1-channel conv's weight gradient has an arbitrary stride
             warnings.filterwarnings('ignore', message='Grad strides do not match bucket view strides')
-            loss, acc = _train_epoch(net, _CallJoint(), batches, optimizer, epoch, recipe, device,
-                                     progress and ctx.is_main)
+            loss, acc = _train_epoch(step, batches, epoch, device, progress and ctx.is_main)
         scheduler.step()
         loss, acc = all_mean([loss, acc])  # equal slices: the global batch's mean loss and accuracy
         average_buffers(model)
@@ -246,7 +249,7 @@ def distributed_fit(model, batches, recipe=None, criterion=None, checkpoint=None
         raise RuntimeError("the ranks' models differ after training: were they built with different seeds or data?")
     return history
 
-# %% ../nbs/31_distributed.ipynb #841a630a
+# %% ../nbs/31_distributed.ipynb #6b919036
 def row_range(N, B, rank, world_size):
     "Rows [start, end) of `rank` when N rows in blocks of B are dealt to world_size ranks in contiguous runs."
     blocks = -(-N // B)
@@ -272,7 +275,7 @@ def distributed_topology_robustness(centred, scaling='rms_excess', block_size=No
     "pmal.robustness.topology_robustness (N,) with its O(N^2 K) part split across the ranks by row blocks."
     return topology_robustness(centred, scaling, block_size, landmarks, seed, distance=distributed_topology_distance)
 
-# %% ../nbs/31_distributed.ipynb #b1842fb7
+# %% ../nbs/31_distributed.ipynb #c780cdfb
 def distributed_mine_prototypes(embeddings, weights, labels, T=10, eps=0.7, scaling=None, landmarks=None,
                                 diversity='algorithm1', seed=0, num_classes=None):
     "pmal.mining.mine_prototypes with quality='robustness', the robustness split across the ranks (same inputs on every rank)."
@@ -310,7 +313,7 @@ def distributed_mine_from_models(models, split, config, device=None, work_dir=No
     if _active(): dist.barrier()
     return protos
 
-# %% ../nbs/31_distributed.ipynb #ee03ca05
+# %% ../nbs/31_distributed.ipynb #9a1be30b
 def distributed_pmal(split, backbone=None, config=None, recipe=None, device=None, work_dir=None, progress=False,
                      sync_bn=False, **ddp_kwargs):
     "PMAL.fit on every rank of the process group: phase 1, mining and phase 2, data-parallel; the same PMAL everywhere."
@@ -322,14 +325,14 @@ def distributed_pmal(split, backbone=None, config=None, recipe=None, device=None
     pmal.prototypes = distributed_mine_from_models(pmal.phase1_models, split, pmal.config, device, work_dir)
     return pmal.learn(split)
 
-# %% ../nbs/31_distributed.ipynb #a0022628
+# %% ../nbs/31_distributed.ipynb #1e7c8455
 def _parser():
     p = argparse.ArgumentParser(prog='torchrun --nproc_per_node N -m pmal.distributed',
                                 description="One PMAL run (phase 1, mining, phase 2), data-parallel under torchrun.")
     p.add_argument('--dataset', default='digits', help="a pmal.data benchmark or 'npz:<path>' (default digits)")
     p.add_argument('--split', type=int, default=0)
     p.add_argument('--data-root', help='folder with the data sets (default $PMAL_DATA)')
-    p.add_argument('--profile', default='quick', help="'paper', 'quick' or a YAML file (as pmal-reproduce)")
+    p.add_argument('--profile', default='quick', help="'paper', 'paper_fast', 'quick' or a YAML file (as pmal-reproduce)")
     p.add_argument('--backbone'); p.add_argument('--epochs', type=int)
     p.add_argument('--U', type=int); p.add_argument('--T', type=int)
     p.add_argument('--batch-size', type=int, help='global batch (default: the recipe\'s)')

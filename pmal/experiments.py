@@ -14,7 +14,7 @@ __all__ = ['PROFILES', 'PROFILE_KEYS', 'METHODS', 'PMAL_PARAMETERS', 'PRIMARY_RU
            'write_figure', 'template_dir', 'template_parameters', 'run_notebook', 'run_all', 'build_reports',
            'make_tables', 'make_figures', 'list_commands', 'reproduce', 'main']
 
-# %% ../nbs/30_experiments.ipynb #9ed8bca6
+# %% ../nbs/30_experiments.ipynb #e5186160
 import argparse, csv, hashlib, json, os, platform, re, shlex, signal, sys, time, traceback
 from dataclasses import dataclass, field, fields, asdict, replace
 from datetime import datetime, timezone
@@ -27,12 +27,12 @@ import yaml
 import pmal
 from .data import BENCHMARKS, load_openset
 from .models import MODELS, default_backbone
-from .train import Recipe, PAPER_RECIPE, IMAGENET_RECIPE, seed_everything
+from .train import Recipe, PAPER_RECIPE, IMAGENET_RECIPE, EXECUTION_FIELDS, seed_everything
 from .metrics import summarize
 from .mining import embedding_2d
 from .pipeline import PMAL, PMALConfig, train_baseline, evaluate_model, embed_part, part_labels, subset_part
 
-# %% ../nbs/30_experiments.ipynb #10dfe606
+# %% ../nbs/30_experiments.ipynb #f5eaa003
 @dataclass(frozen=True)
 class Profile:
     "Defaults for what a run leaves unset: recipe and PMAL overrides, backbone and epochs by image size."
@@ -56,6 +56,11 @@ PROFILES = {
     'paper': Profile('paper', "The paper's recipe (Sec. 6): Adam lr 0.01, x0.1 every 120 of 600 epochs, batch 128, weight "
                      "decay 5e-4 (ImageNet: pmal.train.IMAGENET_RECIPE, SGD lr 0.2 x0.1 every 30 epochs); T=10, eps=0.7, "
                      "U=2, delta=0.5, lambda_p=1; backbone by image size (classifier32 up to 64 px, ResNet-50 above)."),
+    'paper_fast': Profile('paper_fast', "The paper profile with pmal's GPU speed settings: bf16 autocast, channels-last "
+                          "memory, torch.compile and the whole training step replayed as one CUDA graph "
+                          "(benchmarks/results.md). bf16 rounds differently, so results are close to, not identical "
+                          "with, 'paper'. Meant for a GPU (on a CPU only torch.compile applies).",
+                          recipe=dict(amp=True, channels_last=True, compile=True, cuda_graph=True)),
     'quick': Profile('quick', "Minutes on a CPU, for CI and the demo: the paper's optimiser and hyper-parameters, few "
                      "epochs, a small backbone by image size, one learning-rate drop at 70% of training.",
                      sizes=((8, 'digits_net', 30), (32, 'digits_net', 6), (64, 'classifier32', 2), (None, 'resnet50', 1)),
@@ -103,7 +108,7 @@ def load_profile(profile):
     if not path.is_file(): raise FileNotFoundError(f"profile file {path} not found: give an existing YAML file or one of {sorted(PROFILES)}")
     return _yaml_profile(path.resolve())
 
-# %% ../nbs/30_experiments.ipynb #9ba07945
+# %% ../nbs/30_experiments.ipynb #26a180bd
 METHODS = ('pmal', 'softmax', 'mls', 'gcpl', 'rpl', 'arpl')
 PMAL_PARAMETERS = ('T', 'eps', 'U', 'delta', 'lambda_p', 'quality', 'diversity', 'distance')
 PRIMARY_RULE = dict(pmal='dr', softmax='msp', mls='mls', gcpl='gcpl', rpl='rpl', arpl='arpl')
@@ -118,7 +123,7 @@ class RunSettings:
     known_classes: tuple | None = None  # None: the split's known classes
     backbone: str | None = None     # None: from the profile, by image size
     method: str = 'pmal'            # one of METHODS
-    profile: str = 'quick'          # 'paper', 'quick' or a YAML path
+    profile: str = 'quick'          # 'paper', 'paper_fast', 'quick' or a YAML path
     epochs: int | None = None
     T: int | None = None            # prototypes per class
     eps: float | None = None        # candidate threshold
@@ -236,7 +241,7 @@ def run_config(s):
     if s.method != 'pmal': return None
     return PMALConfig(**{**load_profile(s.profile).pmal, **{k: getattr(s, k) for k in PMAL_PARAMETERS}})
 
-# %% ../nbs/30_experiments.ipynb #59f6003c
+# %% ../nbs/30_experiments.ipynb #185f97c6
 def _file_digest(path, chunk=1 << 20):
     "sha256 of a file's bytes."
     h = hashlib.sha256()
@@ -246,7 +251,7 @@ def _file_digest(path, chunk=1 << 20):
 
 def run_spec(s):
     "What determines a resolved run's result (a JSON-ready dict): the hashed part of its settings."
-    recipe = {k: v for k, v in asdict(run_recipe(s)).items() if k != 'compile'}
+    recipe = {k: v for k, v in asdict(run_recipe(s)).items() if k not in EXECUTION_FIELDS}
     config = run_config(s)
     data = _file_digest(Path(s.dataset[4:]).expanduser()) if s.dataset.startswith('npz:') else None
     return dict(dataset=s.dataset if data is None else 'npz', data_sha256=data, split=s.split,
@@ -342,7 +347,7 @@ class ResultsStore:
         old = self.requests()
         write_json_atomic(old + [r for r in requests if r not in old], self.root / 'requests.json')
 
-# %% ../nbs/30_experiments.ipynb #c0162597
+# %% ../nbs/30_experiments.ipynb #70faac1f
 def _sample(n, limit, seed):
     "Sorted indices of at most `limit` of n items (seeded)."
     if n <= limit: return torch.arange(n)
@@ -353,7 +358,7 @@ def load_run_split(s):
     return load_openset(s.dataset, s.split, root=s.data_root,
                         known_classes=None if s.known_classes is None else list(s.known_classes))
 
-# %% ../nbs/30_experiments.ipynb #0fc25488
+# %% ../nbs/30_experiments.ipynb #e4219bce
 def _test_embeddings(model, split, s, n):
     "Figure data: z of up to n known and n/2 unknown test images (labels: known 0..K-1, unknown -1)."
     k_idx, u_idx = _sample(len(split.test_known), n, s.seed), _sample(len(split.test_unknown), max(1, n // 2), s.seed + 1)
@@ -364,7 +369,7 @@ def _test_embeddings(model, split, s, n):
 
 def _phase1_links(s, store, work, U):
     "Hard-link finished shared phase-1 checkpoints into `work`; returns the shared folder."
-    recipe = {k: v for k, v in asdict(run_recipe(s)).items() if k != 'compile'}
+    recipe = {k: v for k, v in asdict(run_recipe(s)).items() if k not in EXECUTION_FIELDS}
     spec = dict(dataset=run_spec(s)['dataset'], data=run_spec(s)['data_sha256'], split=s.split,
                 known=s.known_classes, backbone=s.backbone, recipe=recipe)
     shared = store.root / 'shared' / 'phase1' / _hash(spec)
@@ -385,7 +390,7 @@ def _share_phase1(shared, work, U):
             try: os.link(src, dst)
             except OSError: pass
 
-# %% ../nbs/30_experiments.ipynb #7bbd1593
+# %% ../nbs/30_experiments.ipynb #b19c4a04
 def _run_pmal(s, split, store, timings, progress):
     "Fit and evaluate PMAL; metrics and figure data."
     work = store.work_dir(work_key(s))
@@ -481,7 +486,7 @@ def _save_artifacts(store, key, data, prototypes):
     out['figure_data'] = folder / 'figure_data.npz'
     return {k: str(Path(v).relative_to(store.root)) for k, v in out.items()}
 
-# %% ../nbs/30_experiments.ipynb #92396607
+# %% ../nbs/30_experiments.ipynb #d8ce97ac
 def execute_run(settings, progress=False):
     "Train and evaluate one run, save its prototypes and figure data, and write its record (an error record if it raises)."
     s = settings if is_resolved(settings) else resolve_settings(**asdict(settings))
@@ -676,7 +681,7 @@ def unique_runs(cells):
         if c.settings is not None: seen.setdefault(c.key, c.settings)
     return list(seen.values())
 
-# %% ../nbs/30_experiments.ipynb #21891c0c
+# %% ../nbs/30_experiments.ipynb #afc22f10
 TABLE_TITLES = dict(
     table1='Table 1: closed-set ACC and open-set AUROC on the small benchmarks',
     table2='Table 2: ImageNet-LT, ImageNet-100, ImageNet-200',
@@ -741,7 +746,7 @@ def _table_notes(request, cells):
     s = next((c.settings for c in cells if c.settings is not None), None)
     notes = [f"Ours: mean ± std over the finished runs of splits {request['splits']}, profile '{request['profile']}'"
              + (f", backbone {s.backbone}, {s.epochs} epochs" if s else '') + ". Δ = ours − paper (points).",
-             f"Rejection rule per row: MSP = max softmax probability (PR), MLS = max logit, DR = min point-to-set "
+             "Rejection rule per row: MSP = max softmax probability (PR), MLS = max logit, DR = min point-to-set "
              "distance, GCPL/RPL/ARPL: the method's own class scores. OSCR: open-set classification rate (Dhamija et al.)."]
     if 'digits' in request['datasets'] and request['target'] == 'table1':
         notes.append("digits (sklearn's 8x8 digits) is not in the paper; its paper column is the paper's MNIST.")
@@ -1054,7 +1059,7 @@ def make_figures(store, requests=None):
     write_json_atomic(out, store.root / 'figures.json')
     return out
 
-# %% ../nbs/30_experiments.ipynb #5adf81dc
+# %% ../nbs/30_experiments.ipynb #213dcf99
 DEMO = dict(datasets=['digits'], splits=[0, 1, 2], profile='quick', targets=('table1', 'table3', 'fig4a', 'fig5a'))
 
 def _parse_set(items):
@@ -1089,7 +1094,7 @@ def _parser():
     p.add_argument('--splits', type=int, nargs='+', help='split indices (default: tables 0-4, figures 0)')
     p.add_argument('--seeds', type=int, nargs='+', help='seeds (default 0; Fig. 4(b): 0 1 2)')
     p.add_argument('--backbone', help='backbone for every run (default: by the profile, from the image size)')
-    p.add_argument('--profile', default='quick', help="'paper', 'quick' or a YAML file (default quick)")
+    p.add_argument('--profile', default='quick', help="'paper', 'paper_fast' (GPU), 'quick' or a YAML file (default quick)")
     p.add_argument('--data-root', help='folder with the data sets (default $PMAL_DATA)')
     p.add_argument('--out', default='runs', help='results store folder (default ./runs)')
     p.add_argument('--device', help="'cpu', 'cuda', ... (default: cuda when available)")

@@ -7,7 +7,7 @@ __all__ = ['PMALConfig', 'part_labels', 'subset_part', 'InputStats', 'embed_part
            'mc_dropout_probs', 'train_softmax_models', 'mine_from_models', 'prototype_inputs', 'PMAL', 'train_baseline',
            'evaluate_model', 'carve_validation']
 
-# %% ../nbs/22_pmal.ipynb #97c49fef
+# %% ../nbs/22_pmal.ipynb #fa81bdd7
 import warnings
 from dataclasses import dataclass, asdict, replace
 from pathlib import Path
@@ -17,7 +17,8 @@ import torch.nn as nn
 
 from .data import ImageSet, make_batches
 from .models import create_model, default_backbone
-from .train import Recipe, fit, SoftmaxCriterion, seed_everything, atomic_save
+from functools import partial
+from .train import Recipe, fit, SoftmaxCriterion, seed_everything, atomic_save, run_concurrently
 from .mining import mine_prototypes, Prototypes
 from .diversity import DIVERSITY
 from .loss import point_to_set_distance, nearest_prototype_distance, pmal_loss
@@ -106,7 +107,7 @@ def class_distances(z, protos, distance='point_to_set'):
     "Distance of every embedding in `z` (B x D) to every class's prototype set `protos` (K x T x D)."
     return _DISTANCES[distance](z, protos)
 
-# %% ../nbs/22_pmal.ipynb #9a9cdb6a
+# %% ../nbs/22_pmal.ipynb #0eea58d2
 def _bn_modules(model):
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
@@ -120,6 +121,11 @@ class PMALCriterion(nn.Module):
 
     def get_extra_state(self): return {'steps': self.steps}
     def set_extra_state(self, state): self.steps, self._cached = int(state['steps']), None
+
+    @property
+    def graph_safe(self):
+        "Whether a CUDA graph may replay the step (pmal.train.Recipe.cuda_graph): only if Z(P_k) is recomputed every step."
+        return self.config.refresh_every == 1
 
     def prototype_embeddings(self, model):
         "Z(P_k): the prototypes through `model` (K x T x D), BatchNorm in the configured mode."
@@ -147,7 +153,7 @@ class PMALCriterion(nn.Module):
         dist = class_distances(z, protos.to(z.dtype), self.config.distance)
         return pmal_loss(logits, dist, y, self.config.lambda_p, self.config.delta), logits
 
-# %% ../nbs/22_pmal.ipynb #694cce79
+# %% ../nbs/22_pmal.ipynb #48e3c506
 def _work_file(work_dir, name):
     if work_dir is None: return None
     Path(work_dir).mkdir(parents=True, exist_ok=True)
@@ -166,17 +172,22 @@ def mc_dropout_probs(model, z, samples=20, p=0.5, seed=0):
     return torch.stack([head(z * m).softmax(-1) for m in masks])
 
 def train_softmax_models(split, backbone, recipe, U=2, device='cpu', work_dir=None, progress=True, on_epoch_end=None,
-                         trainer=fit):
-    "Phase 1: U softmax classifiers, same recipe, seeds recipe.seed + u; checkpointed and resumable (`trainer`: fit or its DDP twin)."
-    models = []
+                         trainer=fit, concurrent=False):
+    "Phase 1: U softmax classifiers, same recipe, seeds recipe.seed + u; checkpointed, resumable; `concurrent`: at once on a GPU."
+    if concurrent and trainer is not fit: raise ValueError("concurrent phase-1 training runs pmal.train.fit, not a custom trainer")
+    models, runs = [], []
     for u in range(U):
         r = replace(recipe, seed=recipe.seed + u)
         seed_everything(r.seed)
         model = create_model(backbone, split.num_classes, split.image_shape[0])
         batches = make_batches(split.train, split, r.batch_size, train=True, device=device, seed=r.seed)
-        trainer(model, batches, r, SoftmaxCriterion(), checkpoint=_work_file(work_dir, f'phase1_model{u}.pt'),
-                device=device, progress=progress, on_epoch_end=_stage_hook(on_epoch_end, f'phase1_model{u}'))
+        runs.append(partial(trainer, model, batches, r, SoftmaxCriterion(), device=device, progress=progress,
+                            checkpoint=_work_file(work_dir, f'phase1_model{u}.pt'),
+                            on_epoch_end=_stage_hook(on_epoch_end, f'phase1_model{u}')))
         models.append(model)
+    if concurrent: run_concurrently(runs, device)
+    else:
+        for run in runs: run()
     return models
 
 # %% ../nbs/22_pmal.ipynb #46266133
@@ -216,15 +227,16 @@ def prototype_inputs(split, indices):
     x = torch.cat([xb.cpu() for xb, _ in make_batches(part, split, 1024, train=False, device='cpu').epoch(0)])
     return x.reshape(*indices.shape, *x.shape[1:])
 
-# %% ../nbs/22_pmal.ipynb #7e8d8aa7
+# %% ../nbs/22_pmal.ipynb #8c1feb1f
 class PMAL:
     "Prototype Mining And Learning: fit (mine + learn), scores, predict, evaluate, save and load."
     def __init__(self, num_classes, backbone='digits_net', in_channels=1, config=None, recipe=None,
-                 device='cpu', work_dir=None, progress=True, on_epoch_end=None, trainer=fit):
+                 device='cpu', work_dir=None, progress=True, on_epoch_end=None, trainer=fit, concurrent_phase1=False):
         self.num_classes, self.backbone, self.in_channels = num_classes, backbone, in_channels
         self.config, self.recipe = config or PMALConfig(), recipe or Recipe()
         self.device, self.work_dir, self.progress, self.on_epoch_end = device, work_dir, progress, on_epoch_end
         self.trainer = trainer  # the training loop: pmal.train.fit, or pmal.distributed.distributed_fit under torchrun
+        self.concurrent_phase1 = concurrent_phase1  # train the U phase-1 models at once on a GPU (pmal.train.run_concurrently)
         self.model = self.criterion = self.prototypes = self.inputs = None
         self.phase1_models, self.history = [], []
 
@@ -236,7 +248,8 @@ class PMAL:
     def mine(self, split):
         "Phase 1: train the U softmax models and mine T prototypes per class."
         self.phase1_models = train_softmax_models(split, self.backbone, self.recipe, self.config.U, self.device,
-                                                  self.work_dir, self.progress, self.on_epoch_end, self.trainer)
+                                                  self.work_dir, self.progress, self.on_epoch_end, self.trainer,
+                                                  self.concurrent_phase1)
         self.prototypes = mine_from_models(self.phase1_models, split, self.config, self.device, self.work_dir)
         return self
 
@@ -311,7 +324,7 @@ class PMAL:
         self.proto_indices = s['proto_indices']
         return self
 
-# %% ../nbs/22_pmal.ipynb #ba2cef3e
+# %% ../nbs/22_pmal.ipynb #f01c1935
 def train_baseline(method, split, backbone=None, recipe=None, device='cpu', work_dir=None, progress=True):
     "Train a comparison method (softmax, mls, gcpl, rpl, arpl) on `split`; returns (model, criterion)."
     recipe, backbone = recipe or Recipe(), backbone or default_backbone(split.image_shape)

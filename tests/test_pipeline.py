@@ -137,3 +137,17 @@ def test_baseline_training_is_seeded(split):
             for _ in range(2)]
     assert runs[0] == runs[1]
     assert 0.0 <= runs[0]['gcpl_auroc'] <= 1.0 and runs[0]['gcpl_acc'] > 0.5
+
+
+def test_concurrent_phase1_is_sequential_on_cpu(split):
+    "concurrent=True changes nothing on a CPU (run_concurrently calls in turn there); it refuses a custom trainer."
+    from pmal.pipeline import train_softmax_models
+    from pmal.train import fit
+    recipe = Recipe(epochs=1, lr=0.01, batch_size=64, seed=0)
+    a = train_softmax_models(split, 'digits_net', recipe, 2, 'cpu', progress=False)
+    b = train_softmax_models(split, 'digits_net', recipe, 2, 'cpu', progress=False, concurrent=True)
+    for ma, mb in zip(a, b):
+        for pa, pb in zip(ma.state_dict().values(), mb.state_dict().values()): assert torch.equal(pa, pb)
+    assert not torch.equal(a[0].head.weight, a[1].head.weight)  # seeds recipe.seed + u
+    with pytest.raises(ValueError, match='concurrent'):
+        train_softmax_models(split, 'digits_net', recipe, 2, 'cpu', trainer=lambda *a, **k: fit(*a, **k), concurrent=True)

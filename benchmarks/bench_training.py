@@ -44,6 +44,7 @@ from torchvision import transforms as T
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from pmal.data import DeviceBatches, ImageSet
+from pmal.experiments import write_json_atomic
 from pmal.models import create_model
 from pmal.train import Recipe, SoftmaxCriterion, _train_epoch, make_step, prepare_training, run_concurrently
 
@@ -145,6 +146,7 @@ def bench_reference(model_name, images, k, args, device):
 
 
 def fast_recipe(args, amp, channels_last, compile_, cuda_graph):
+    "The Recipe of a fast pipeline's flags (a torch.compile mode string is applied by setup_model instead)."
     return Recipe(lr=args.lr, amp=amp, channels_last=channels_last, compile=compile_ is True, cuda_graph=cuda_graph,
                   batch_size=args.batch_size)
 
@@ -192,10 +194,7 @@ def environment(device):
 def write_json(args, env, rows, conc):
     "Write what is measured so far (atomically), so a run stopped by a time limit keeps its figures."
     if not args.json: return
-    out = dict(environment=env, argv=sys.argv[1:], args=vars(args), rows=rows, concurrent=conc)
-    tmp = Path(args.json).with_name(Path(args.json).name + '.tmp')
-    tmp.write_text(json.dumps(out, indent=1))
-    os.replace(tmp, args.json)
+    write_json_atomic(dict(environment=env, argv=sys.argv[1:], args=vars(args), rows=rows, concurrent=conc), args.json)
 
 
 def run_matrix(args, device, save=lambda rows: None):

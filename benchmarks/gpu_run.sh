@@ -14,8 +14,9 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
-timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_graph.py 2>&1 | tail -30 | tee "$OUT/pytest_cuda.log"
-timeout 60 python3 -m pytest -q -p no:cacheprovider -k cuda tests/test_data.py tests/test_robustness.py tests/test_metrics.py 2>&1 | tail -5 | tee -a "$OUT/pytest_cuda.log"
+timeout 150 python3 -m pytest -q -p no:cacheprovider --tb=short tests/test_cuda_graph.py > "$OUT/pytest_cuda.log" 2>&1
+timeout 60 python3 -m pytest -q -p no:cacheprovider -k cuda tests/test_data.py tests/test_robustness.py tests/test_metrics.py >> "$OUT/pytest_cuda.log" 2>&1
+grep -E "passed|failed|^E " "$OUT/pytest_cuda.log"   # the whole log is in OUT
 B="python3 benchmarks/bench_training.py --device cuda --workers 8"
 timeout 200 $B --seconds 2.0 --steps 600 --warmup 15 --pipelines reference fast fast_stepgraph \
     --json "$OUT/bench_matrix.json" 2>&1 | tee "$OUT/matrix.log"

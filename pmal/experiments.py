@@ -358,7 +358,7 @@ def load_run_split(s):
     return load_openset(s.dataset, s.split, root=s.data_root,
                         known_classes=None if s.known_classes is None else list(s.known_classes))
 
-# %% ../nbs/30_experiments.ipynb #e4219bce
+# %% ../nbs/30_experiments.ipynb #a59773e3
 def _test_embeddings(model, split, s, n):
     "Figure data: z of up to n known and n/2 unknown test images (labels: known 0..K-1, unknown -1)."
     k_idx, u_idx = _sample(len(split.test_known), n, s.seed), _sample(len(split.test_unknown), max(1, n // 2), s.seed + 1)
@@ -369,9 +369,9 @@ def _test_embeddings(model, split, s, n):
 
 def _phase1_links(s, store, work, U):
     "Hard-link finished shared phase-1 checkpoints into `work`; returns the shared folder."
-    recipe = {k: v for k, v in asdict(run_recipe(s)).items() if k not in EXECUTION_FIELDS}
-    spec = dict(dataset=run_spec(s)['dataset'], data=run_spec(s)['data_sha256'], split=s.split,
-                known=s.known_classes, backbone=s.backbone, recipe=recipe)
+    run = run_spec(s)  # once: it hashes an npz data file
+    spec = dict(dataset=run['dataset'], data=run['data_sha256'], split=s.split,
+                known=s.known_classes, backbone=s.backbone, recipe=run['recipe'])
     shared = store.root / 'shared' / 'phase1' / _hash(spec)
     for u in range(U):
         src, dst = shared / f'phase1_model{u}.pt', work / f'phase1_model{u}.pt'

@@ -40,28 +40,31 @@ def _check_sizes(num_classes, embed_dim, per_class):
 
 # %% ../nbs/23_baselines.ipynb #036d6d90
 class GCPLCriterion(nn.Module):
-    "GCPL: DCE on -gamma * squared distance to the nearest class prototype + lambda * prototype loss."
+    "GCPL as in the ARPL authors' code: DCE on -d_k (squared distance / D) + lambda * d_y / 2; nearest prototype of a class."
     graph_safe = True  # pure tensor ops: pmal.train may replay its step as a CUDA graph
-    def __init__(self, num_classes, embed_dim, gamma=1.0, lambda_=0.01, prototypes_per_class=1, init_std=0.1):
+    def __init__(self, num_classes, embed_dim, lambda_=0.1, temperature=1.0, prototypes_per_class=1, init_std=0.1):
         super().__init__()
         _check_sizes(num_classes, embed_dim, prototypes_per_class)
-        self.gamma, self.lambda_ = gamma, lambda_
+        self.lambda_, self.temperature, self.embed_dim = lambda_, temperature, embed_dim  # weight_pl, temp
         self.prototypes = nn.Parameter(init_std * torch.randn(num_classes, prototypes_per_class, embed_dim))
 
     def nearest_squared_distance(self, z):
         "min_j ||z - m_kj||^2 (B x K)."
         return squared_distances(z, self.prototypes).amin(-1)
 
+    def distance(self, z):
+        "d_k(z) = min_j ||z - m_kj||^2 / D (B x K), the reference's per-dimension distance."
+        return self.nearest_squared_distance(z) / self.embed_dim
+
     def scores(self, z):
-        "Class scores -gamma * min_j ||z - m_kj||^2 (higher = more likely the class)."
-        return -self.gamma * self.nearest_squared_distance(z)
+        "Class scores -d_k(z) (higher = more likely the class)."
+        return -self.distance(z)
 
     def forward(self, model, x, y):
-        "DCE + lambda * PL on a batch; returns (loss, class scores)."
-        d2 = self.nearest_squared_distance(_embedding(model, x))
-        logits = -self.gamma * d2
-        pl = d2.gather(1, y[:, None]).mean()
-        return F.cross_entropy(logits, y) + self.lambda_ * pl, logits
+        "CE(-d / temperature) + lambda * mean d_y / 2 on a batch; returns (loss, class scores -d)."
+        d = self.distance(_embedding(model, x))
+        pl = d.gather(1, y[:, None]).mean() / 2
+        return F.cross_entropy(-d / self.temperature, y) + self.lambda_ * pl, -d
 
 # %% ../nbs/23_baselines.ipynb #01ee6276
 class RPLCriterion(nn.Module):
@@ -129,7 +132,7 @@ def _softmax_factory(num_classes, embed_dim, **kw):
 
 CRITERIA = dict(softmax=_softmax_factory, mls=_softmax_factory,
                 gcpl=GCPLCriterion, rpl=RPLCriterion, arpl=ARPLCriterion)
-REJECTION_RULE = dict(softmax='msp', mls='mls', gcpl='msp', rpl='mls', arpl='mls')
+REJECTION_RULE = dict(softmax='msp', mls='mls', gcpl='msp', rpl='msp', arpl='mls')  # reference core/test.py
 
 def register_criterion(name, factory, rule='mls'):
     "Add a method: `factory(num_classes, embed_dim, **kw)` -> criterion; `rule` ('msp'|'mls') its known-ness rule."

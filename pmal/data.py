@@ -4,16 +4,17 @@
 
 # %% auto #0
 __all__ = ['OSR_SPLITS', 'DIGITS_SEED', 'DIGIT_NAMES', 'MNIST_FILES', 'TINY_URL', 'TINY_MD5', 'IMAGENET_MEAN', 'IMAGENET_STD',
-           'BENCHMARKS', 'AUGMENTS', 'ImageSet', 'OpenSetSplit', 'DataNotFoundError', 'Benchmark', 'FileListDataset',
-           'load_openset', 'crop_flip', 'normalize', 'DeviceBatches', 'loader_transform', 'LoaderBatches',
-           'make_batches']
+           'BENCHMARKS', 'AUGMENTS', 'ImageSet', 'OpenSetSplit', 'duplicate_splits', 'DataNotFoundError', 'Benchmark',
+           'FileListDataset', 'load_openset', 'downsample_split', 'crop_flip', 'normalize', 'DeviceBatches',
+           'loader_transform', 'LoaderBatches', 'make_batches']
 
 # %% ../nbs/00_data.ipynb #d1c16ab0
 import gzip
 import os
 import re
 import shutil
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -91,6 +92,12 @@ OSR_SPLITS = {
         [98,36,158,177,189,157,170,191,82,196,138,166,43,13,152,11,75,174,193,190],
         [95,6,145,153,0,143,31,23,189,81,20,21,89,26,36,170,102,177,108,169]],
 }
+
+# %% ../nbs/00_data.ipynb #a61c4bf7
+def duplicate_splits(name):
+    "Pairs (i, j), i < j, of standard splits of `name` whose known classes are the same set."
+    known = [frozenset(s) for s in OSR_SPLITS.get(name, [])]
+    return [(i, j) for j in range(len(known)) for i in range(j) if known[i] == known[j]]
 
 # %% ../nbs/00_data.ipynb #a4902d2c
 class DataNotFoundError(FileNotFoundError):
@@ -443,6 +450,12 @@ def _load_npz(path, split, known_classes):
 # %% ../nbs/00_data.ipynb #83185ffb
 AUGMENTS = ('none', 'crop', 'crop_flip')
 
+def _warn_duplicate(name, split, known_classes):
+    twin = [i for i, j in duplicate_splits(name) if j == split]
+    if twin and known_classes is None:
+        warnings.warn(f"{name} split {split} has the same known classes as split {twin[0]} (the standard split file repeats "
+                      f"them): a mean over the 5 splits counts that split twice")
+
 def load_openset(name, split=0, root=None, known_classes=None, download=False):
     "Load benchmark `name` (a key of BENCHMARKS, or 'npz:<path>') as an OpenSetSplit."
     if not isinstance(split, (int, np.integer)) or isinstance(split, bool):
@@ -459,8 +472,27 @@ def load_openset(name, split=0, root=None, known_classes=None, download=False):
         valid = bench.class_ids if bench.class_ids is not None else list(range(1000))
         known = _check_known(name, known_classes, valid)
     else: known = bench.splits[split]
+    _warn_duplicate(name, split, known_classes)
     root = Path() if name == 'digits' else _resolve_root(name, root, download)
     return bench.load(bench, root, int(split), known, download)
+
+# %% ../nbs/00_data.ipynb #455a8ab7
+def _area_resize(images: ImageSet, side):
+    "An ImageSet with every image area-averaged so that its larger side is `side` (uint8, rounded)."
+    h, w = images.x.shape[-2:]
+    size = (max(1, round(h * side / max(h, w))), max(1, round(w * side / max(h, w))))
+    x = F.interpolate(images.x.float(), size=size, mode='area').round_().clamp_(0, 255).to(torch.uint8)
+    return ImageSet(x, images.y)
+
+def downsample_split(split, side):
+    "`split` with its images area-downsampled to at most `side` px on their larger side (once; a no-op if already small)."
+    if not isinstance(side, int) or side < 1: raise ValueError(f"side must be a positive int, got {side!r}")
+    if max(split.image_shape[1:]) <= side: return split
+    parts = dict(train=split.train, test_known=split.test_known, test_unknown=split.test_unknown)
+    lazy = [k for k, v in parts.items() if not isinstance(v, ImageSet)]
+    if lazy: raise TypeError(f"downsample_split needs images in memory (ImageSet); {', '.join(lazy)} of {split.name} are read from files")
+    parts = {k: _area_resize(v, side) for k, v in parts.items()}
+    return replace(split, **parts, image_shape=(split.image_shape[0], *parts['train'].x.shape[-2:]))
 
 # %% ../nbs/00_data.ipynb #14105a1c
 def _epoch_generator(seed, epoch):

@@ -19,29 +19,25 @@ def _check_candidates(c, r):
     if not torch.isfinite(r).all(): raise ValueError("r holds NaN or inf: check the quality scores")
 
 def robustness_order(r):
-    "Local indices from the most to the least robust; equal r: lower index first (the tie rule of Algorithm 1)."
+    "Local indices from the highest to the lowest r, equal r by lower index: a listing order (ties of E, output), not Algorithm 1's strict 'more robust'."
     return torch.sort(r, descending=True, stable=True).indices
 
 def nearest_more_robust(c, r):
-    "Algorithm 1, lines 2-6: E[i] (distance to the nearest more robust candidate, max D for the top one) and that candidate's index (-1 for the top)."
+    "Algorithm 1, lines 2-6: E[i], the distance to the nearest candidate with strictly larger r, and its index J[i]; max D and -1 where there is none."
     _check_candidates(c, r)
     n = len(r)
     if n == 0: return c.new_zeros(0), torch.zeros(0, dtype=torch.long, device=c.device)
     D = torch.cdist(c, c, compute_mode='donot_use_mm_for_euclid_dist')  # exact pairwise distances, no matmul rounding
-    order = robustness_order(r)
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(n, device=order.device)
-    more_robust = rank[None, :] < rank[:, None]  # [i, j]: j is more robust than i
+    more_robust = r[None, :] > r[:, None]  # [i, j]: r_j > r_i; equal r is not more robust
     E, J = D.masked_fill(~more_robust, math.inf).min(1)
-    top = order[0]
-    E[top], J[top] = D.max(), -1
-    return E, J
+    none = ~more_robust.any(1)  # the most robust candidate and every candidate tied with it
+    return torch.where(none, D.max(), E), torch.where(none, -1, J)
 
 def algorithm1(c, r, T):
-    "Local indices of the T candidates with the largest distance to a more robust candidate (Algorithm 1; all of them when fewer than T)."
+    "Local indices of the T candidates with the largest E (Algorithm 1), equal E by robustness_order; all of them when fewer than T."
     if T < 1: raise ValueError(f"T must be a positive number of prototypes, got {T}")
     E, _ = nearest_more_robust(c, r)
-    order = robustness_order(r)  # stable sort of E over this order breaks E ties by robustness
+    order = robustness_order(r)  # a stable sort of E over this order lists equal E by r, then by index
     by_E = torch.sort(E[order], descending=True, stable=True).indices
     return order[by_E][:T]
 

@@ -62,7 +62,7 @@ def threshold_at_tpr(known_scores, tpr=0.95):
     return float(sk[m - 1])
 
 def fpr_at_tpr(known_scores, unknown_scores, tpr=0.95):
-    "Fraction of unknowns with score >= the threshold that accepts a fraction `tpr` of the knowns (ties accepted)."
+    "FPR at `tpr` TPR, knowns positive: fraction of unknowns with score >= the threshold accepting `tpr` of the knowns (ties accepted)."
     t = threshold_at_tpr(known_scores, tpr)
     return float(np.mean(_scores(unknown_scores, 'unknown_scores') >= t))
 
@@ -91,7 +91,7 @@ def oscr(known_scores, known_correct, unknown_scores):
 
 # %% ../nbs/03_metrics.ipynb #2ce00af1
 def openset_metrics(pred, y, known_scores, unknown_scores):
-    "ACC, AUROC, OSCR and FPR@95TPR of one model on one split, as a dict of floats."
+    "ACC, AUROC, OSCR and FPR@95TPR (knowns positive) of one model on one split, as a dict of floats."
     pred, y = _as_numpy(pred, 'pred'), _as_numpy(y, 'y')
     _same_length(pred, y, 'pred', 'y')
     _same_length(pred, _as_numpy(known_scores, 'known_scores'), 'pred', 'known_scores')

@@ -125,7 +125,7 @@ def reference_indices(N, landmarks=None, seed=0, device='cpu'):
 # %% ../nbs/12_robustness.ipynb #d16a629a
 def topology_robustness(centred, scaling='rms_excess', block_size=None, landmarks=None, seed=0,
                         distance=topology_distance):
-    "Embedding topology robustness r (N,) of Eq. 7 in (0, 1], averaged over model pairs; exact in row blocks."
+    "Eq. 7's r (N,) in (0, 1], averaged over model pairs, exact in row blocks; the *_rms scalings (default) also change the order of r."
     if scaling not in SCALINGS: raise ValueError(f"scaling must be one of {SCALINGS}, got {scaling!r}")
     spaces = _check_spaces(centred)
     reference = reference_indices(len(spaces[0]), landmarks, seed, spaces[0].device)

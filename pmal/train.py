@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['PAPER_RECIPE', 'IMAGENET_RECIPE', 'EXECUTION_FIELDS', 'Recipe', 'make_optimizer', 'make_scheduler', 'seed_everything',
-           'SoftmaxCriterion', 'trainable_parameters', 'NonFiniteLossError', 'atomic_save', 'EagerStep',
-           'CUDAGraphStep', 'make_step', 'prepare_training', 'fit', 'run_concurrently', 'embed']
+           'SoftmaxCriterion', 'trainable_parameters', 'parameter_groups', 'NonFiniteLossError', 'atomic_save',
+           'EagerStep', 'CUDAGraphStep', 'make_step', 'prepare_training', 'fit', 'run_concurrently', 'embed']
 
 # %% ../nbs/02_train.ipynb #e68a187a
 import os, time, random, threading
@@ -34,8 +34,8 @@ class Recipe:
     beta2: float = 0.999         # Adam's beta2 (torch default)
     momentum: float = 0.9        # SGD momentum
     seed: int = 0
-    amp: bool = False            # bf16 autocast (CUDA only)
-    channels_last: bool = False  # channels-last memory format (CUDA only)
+    amp: bool = False            # bf16 autocast (on a GPU, and on a CPU with bf16 units such as AMX)
+    channels_last: bool = False  # channels-last memory format (GPU and CPU)
     compile: bool = False        # torch.compile the model
     cuda_graph: bool = False     # replay the whole training step as one CUDA graph (CUDA only)
 
@@ -54,7 +54,7 @@ IMAGENET_RECIPE = Recipe(optimizer='sgd', lr=0.2, lr_step=30, epochs=90, batch_s
 
 # %% ../nbs/02_train.ipynb #5d27f331
 def make_optimizer(params, recipe: Recipe, capturable=False):
-    "The recipe's optimiser (Adam or SGD, L2 weight decay) over `params`; `capturable` Adam keeps its step count on the device."
+    "The recipe's optimiser (Adam or SGD, L2 weight decay) over `params` (tensors or groups); `capturable` Adam keeps its step count on the device."
     if recipe.optimizer == 'adam':
         return torch.optim.Adam(params, lr=recipe.lr, betas=(recipe.beta1, recipe.beta2),
                                 weight_decay=recipe.weight_decay, capturable=capturable)
@@ -86,6 +86,14 @@ def trainable_parameters(model, criterion):
         if p.requires_grad and id(p) not in seen:
             seen.add(id(p)); params.append(p)
     return params
+
+def parameter_groups(model, criterion):
+    "Optimiser groups: the model's parameters (recipe's weight decay), then the criterion's own with no weight decay."
+    params = trainable_parameters(model, criterion)
+    own = {id(p) for p in model.parameters()}
+    groups = [dict(params=[p for p in params if id(p) in own])]
+    points = [p for p in params if id(p) not in own]
+    return groups + [dict(params=points, weight_decay=0.0)] if points else groups
 
 # %% ../nbs/02_train.ipynb #af5d8936
 class NonFiniteLossError(RuntimeError):
@@ -128,7 +136,7 @@ def _recipe_mismatch(saved: dict, recipe: Recipe):
 # %% ../nbs/02_train.ipynb #c17ec163
 def _update(net, criterion, optimizer, x, y, recipe, totals, check=None, autocast_cache=True):
     "One optimiser step on a batch (after `check(loss)`, if given); adds (summed loss, correct count) to `totals`; returns the loss."
-    with torch.autocast('cuda', dtype=torch.bfloat16, enabled=x.is_cuda and recipe.amp, cache_enabled=autocast_cache):
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=recipe.amp, cache_enabled=autocast_cache):
         loss, logits = criterion(net, x, y)
     if check is not None: check(loss.detach().float())
     optimizer.zero_grad(set_to_none=True)
@@ -210,7 +218,7 @@ def _train_epoch(step, batches, epoch, device, progress):
     steps = tqdm(batches.epoch(epoch), total=len(batches), leave=False, disable=not progress, desc=f'epoch {epoch}')
     for i, (x, y) in enumerate(steps):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if cuda and channels_last and x.dim() == 4: x = x.contiguous(memory_format=torch.channels_last)
+        if channels_last and x.dim() == 4: x = x.contiguous(memory_format=torch.channels_last)
         if not cuda:  # a host sync is free on a CPU: check before the update, so a bad step is never applied
             step(x, y, check=lambda loss: _check_finite([loss], epoch, i))
         else:         # on a GPU every 50 steps, so the GPU never waits for the host
@@ -257,8 +265,8 @@ def prepare_training(model, criterion, recipe, device, checkpoint=None):
     "Seed, place model and criterion, build optimiser and scheduler, resume: (optimizer, scheduler, checkpoint, history, start)."
     seed_everything(recipe.seed)
     model.to(device); criterion.to(device)
-    if device.type == 'cuda' and recipe.channels_last: model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(trainable_parameters(model, criterion), recipe,
+    if recipe.channels_last: model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(parameter_groups(model, criterion), recipe,
                                capturable=recipe.cuda_graph and device.type == 'cuda')
     scheduler = make_scheduler(optimizer, recipe)
     checkpoint = Path(checkpoint) if checkpoint is not None else None

@@ -34,19 +34,62 @@ def test_squared_distances_matches_cdist():
     assert (squared_distances(p[0], p[0]) >= 0).all()
 
 
-def test_gcpl_formula():
-    crit = GCPLCriterion(2, 2, gamma=0.5, lambda_=0.01)
-    set_points(crit.prototypes, POINTS)
-    loss, logits = crit(Identity(), Z, torch.tensor([1]))
-    torch.testing.assert_close(logits, torch.tensor([[-2.5, -2.0]]))
-    torch.testing.assert_close(loss, torch.tensor(math.log(1 + math.exp(-0.5)) + 0.01 * 4))
-    torch.testing.assert_close(crit.scores(Z), logits)
+def reference_gcpl(z, centers, y, weight_pl=0.1, temp=1.0):
+    "The reference GCPL (iCGY96/ARPL loss/GCPLoss.py with loss/Dist.py, one centre per class), written out: (scores, loss)."
+    dist = torch.cdist(z, centers).pow(2) / z.shape[1]                     # Dist: ||z - m_k||^2 / D
+    return -dist, F.cross_entropy(-dist / temp, y) + weight_pl * F.mse_loss(z, centers[y]) / 2
+
+
+def test_gcpl_reference_defaults():
+    crit = GCPLCriterion(3, 4)
+    assert (crit.lambda_, crit.temperature) == (0.1, 1.0)                  # weight_pl, temp of the reference
+
+
+def test_gcpl_formula_by_hand():
+    # D = 3; squared distances: z_0 -> (5, 4), z_1 -> (9, 10); over D: (5/3, 4/3), (3, 10/3); labels (1, 0)
+    crit = GCPLCriterion(2, 3)
+    set_points(crit.prototypes, [[0., 0., 0.], [1., 0., 0.]])
+    z, y = torch.tensor([[1., 2., 0.], [0., 0., 3.]]), torch.tensor([1, 0])
+    loss, logits = crit(Identity(), z, y)
+    torch.testing.assert_close(logits, torch.tensor([[-5 / 3, -4 / 3], [-3., -10 / 3]]))
+    torch.testing.assert_close(crit.scores(z), logits)
+    # CE of both rows = log(1 + e^(-1/3)); PL = mse over the B x D entries of z - m_y, halved: (4 + 9) / 6 / 2
+    torch.testing.assert_close(loss, torch.tensor(math.log(1 + math.exp(-1 / 3)) + 0.1 * 13 / 12))
+    crit.temperature = 2.0                                                  # CE on logits / temp; scores unchanged
+    loss2, logits2 = crit(Identity(), z, y)
+    torch.testing.assert_close(loss2, torch.tensor(math.log(1 + math.exp(-1 / 6)) + 0.1 * 13 / 12))
+    torch.testing.assert_close(logits2, logits)
+
+
+@pytest.mark.parametrize('lambda_,temperature', [(0.1, 1.0), (0.5, 0.5)])
+def test_gcpl_matches_reference_formula(lambda_, temperature):
+    g = torch.Generator().manual_seed(0)
+    z, centers = torch.randn(9, 6, dtype=torch.float64, generator=g), torch.randn(4, 6, dtype=torch.float64, generator=g)
+    y = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 3])
+    crit = GCPLCriterion(4, 6, lambda_=lambda_, temperature=temperature).double()
+    set_points(crit.prototypes, centers)
+    loss, logits = crit(Identity(), z, y)
+    ref_scores, ref_loss = reference_gcpl(z, centers, y, lambda_, temperature)
+    torch.testing.assert_close(logits, ref_scores)
+    torch.testing.assert_close(loss, ref_loss)
 
 
 def test_gcpl_nearest_prototype_of_a_class_counts():
     crit = GCPLCriterion(2, 2, prototypes_per_class=2)
     set_points(crit.prototypes, [[0., 0.], [1., 2.5], [1., 0.], [5., 5.]])
-    torch.testing.assert_close(crit.scores(Z), torch.tensor([[-0.25, -4.0]]))
+    torch.testing.assert_close(crit.scores(Z), torch.tensor([[-0.125, -2.0]]))   # nearest of each class, over D = 2
+    loss, _ = crit(Identity(), Z, torch.tensor([0]))
+    torch.testing.assert_close(loss, torch.tensor(math.log(1 + math.exp(-1.875)) + 0.1 * 0.25 / 4))
+    loss.backward()
+    g = crit.prototypes.grad
+    assert g[0, 0].abs().sum() == 0 and g[0, 1].abs().sum() > 0            # only the nearest prototype of class 0 moves
+
+
+def test_rejection_rules_follow_reference_test_code():
+    # core/test.py takes the max of what the criterion returns without labels: softmax(-dist) for GCPL,
+    # softmax(dist) for RPL, the raw logits d_e - z.P for ARPL.
+    assert (REJECTION_RULE['gcpl'], REJECTION_RULE['rpl'], REJECTION_RULE['arpl']) == ('msp', 'msp', 'mls')
+    assert (REJECTION_RULE['softmax'], REJECTION_RULE['mls']) == ('msp', 'mls')
 
 
 def test_rpl_formula_and_radius_gradient():
@@ -121,7 +164,7 @@ def test_registry():
 def test_register_extension_point():
     try:
         register_criterion('toy', lambda k, d, **kw: GCPLCriterion(k, d, **kw), rule='msp')
-        assert isinstance(create_criterion('toy', 3, 8, gamma=2.0), GCPLCriterion)
+        assert isinstance(create_criterion('toy', 3, 8, temperature=2.0), GCPLCriterion)
         assert REJECTION_RULE['toy'] == 'msp'
         with pytest.raises(ValueError, match="'msp' or 'mls'"):
             register_criterion('toy2', GCPLCriterion, rule='dr')

@@ -131,3 +131,35 @@ def test_quality_drives_selection():
     for k in range(3):
         cls = torch.nonzero(y == k).flatten()
         assert P[k, 0] == cls[q[cls].argmax()]
+
+
+def test_algorithm1_strict_more_robust_known_answer():
+    # Algorithm 1 line 5: x_j is "more robust" than x_i only if r(x_j) > r(x_i); equal r does not count.
+    # Five candidates on a line (second coordinate 0):
+    #   local index   0    1    2    3    4
+    #   position      0    1    6    4   10
+    #   r            .9   .9   .5   .5   .3
+    # E0, E1: nothing strictly more robust -> E = max D = |10 - 0| = 10 (both tied tops, J = -1)
+    # E2 (at 6): more robust {0, 1} -> min(6, 5) = 5 (J = 1); candidate 3 has equal r and does not count
+    # E3 (at 4): more robust {0, 1} -> min(4, 3) = 3 (J = 1)
+    # E4 (at 10): more robust {0, 1, 2, 3} -> nearest is 2 at 6 -> 4 (J = 2)
+    # E = (10, 10, 5, 3, 4): order by E, equal E by r then index -> 0, 1, 2, 4, 3; T = 2 -> {0, 1}
+    pos = torch.tensor([0., 1., 6., 4., 10.])
+    c = torch.stack([pos, torch.zeros(5)], 1)
+    r = torch.tensor([0.9, 0.9, 0.5, 0.5, 0.3])
+    E, J = nearest_more_robust(c, r)
+    assert torch.allclose(E, torch.tensor([10., 10., 5., 3., 4.]))
+    assert J.tolist() == [-1, -1, 1, 1, 2]
+    assert algorithm1(c, r, 5).tolist() == [0, 1, 2, 4, 3]
+    assert algorithm1(c, r, 2).tolist() == [0, 1]
+    # the audit's three-point case: two candidates tied at the top, T = 2 -> {0, 1} (not {0, 2})
+    c3 = torch.tensor([[0.], [1.], [10.]])
+    assert algorithm1(c3, torch.tensor([1., 1., 0.5]), 2).tolist() == [0, 1]
+
+
+def test_algorithm1_all_equal_r_every_E_is_max_D():
+    # no candidate is strictly more robust than another: every E = max D, J = -1, order by index
+    line = torch.arange(5.).unsqueeze(1)
+    E, J = nearest_more_robust(line, torch.ones(5))
+    assert E.tolist() == [4.] * 5 and J.tolist() == [-1] * 5
+    assert algorithm1(line, torch.ones(5), 3).tolist() == [0, 1, 2]

@@ -8,9 +8,14 @@ import numpy as np
 import papermill
 import pytest
 
+import torch
+
+import pmal.experiments
+from pmal.baselines import REJECTION_RULE
 from pmal.experiments import (RUN_PARAMETERS, PROFILES, ResultsStore, resolve_settings, run_key, work_key, run_recipe,
                               run_notebook, template_dir, template_parameters, write_json_atomic, grid, unique_runs,
-                              write_figure, list_commands, load_profile, main, _request)
+                              write_figure, write_table, list_commands, load_profile, main, _request, execute_run,
+                              run_spec, phase1_dir, load_run_split, table_rows, SPEC_VERSION, PRIMARY_RULE, RULE_WORDS)
 
 TINY = "base: quick\nepochs: 2\ntsne_samples: 200\n"
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'MKL_NUM_THREADS': '1'}
@@ -156,19 +161,24 @@ def killed_and_rerun(tmp_path_factory, tiny):
 def test_rerun_after_kill_completes_without_recomputing(killed_and_rerun):
     out, first, rerun = killed_and_rerun
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
-    assert 1 <= len(first) < 6
+    assert 1 <= len(first) < 7
     done = {p.name: p.stat().st_mtime_ns for p in (out / 'records').glob('*.json')}
-    assert len(done) == 6 and all(json.loads((out / 'records' / n).read_text())['status'] == 'done' for n in done)
+    assert len(done) == 7 and all(json.loads((out / 'records' / n).read_text())['status'] == 'done' for n in done)
     assert all(done[n] == t for n, t in first.items())  # finished runs were skipped, not recomputed
-    assert rerun.stdout.count('skipped') == len(first) and '[6/6]' in rerun.stdout and 'ETA' in rerun.stdout
+    assert rerun.stdout.count('skipped') == len(first) and '[7/7]' in rerun.stdout and 'ETA' in rerun.stdout
 
 
 def test_tables_template_shows_ours_paper_and_difference(killed_and_rerun):
     out, _, rerun = killed_and_rerun
     md = (out / 'tables' / 'table1_digits_tiny.md').read_text()
-    assert '| PMAL (DR) | digits | 1/1 |' in md and '99.5' in md  # the paper's MNIST AUROC of PMAL-OSCRI
+    assert '| PMAL (DR) | DR: min point-to-set distance | digits | 1/1 |' in md
+    assert '| 99.5 (mnist) |' in md  # the paper's MNIST AUROC of PMAL-OSCRI, for reference: digits is not MNIST
     rows = (out / 'tables' / 'table1_digits_tiny.csv').read_text().splitlines()
-    assert rows[0].startswith('row,dataset,runs,status') and len(rows) == 8
+    assert rows[0].startswith('row,rule,dataset,runs,status') and len(rows) == 11
+    import csv
+    table = list(csv.DictReader(rows))
+    assert all(r['acc_diff'] == r['auroc_diff'] == '' for r in table)  # no Δ against another data set
+    assert {r['row'] for r in table} >= {'Softmax, equal budget', 'RPL (max logit)'} and all(r['status'] == 'done' for r in table)
     assert (out / 'notebooks' / 'tables.ipynb').exists() and str(out / 'tables' / 'table1_digits_tiny.md') in rerun.stdout
 
 
@@ -176,6 +186,11 @@ def test_figures_template_writes_png_and_pdf(killed_and_rerun, capsys):
     out, _, _ = killed_and_rerun
     for fig in ('fig4a', 'fig6'):
         for ext in ('png', 'pdf'): assert (out / 'figures' / f'{fig}_digits_tiny.{ext}').stat().st_size > 1000
+    caption = (out / 'figures' / 'fig6_digits_tiny.txt').read_text()  # each panel's AUROC under its primary rule
+    store, profile = ResultsStore(out), load_profile_path(out)
+    for c in grid(_request('fig6', ['digits'], profile=profile), out):
+        auroc = 100 * store.load(c.key)['metrics'][f'{c.rule}_auroc']
+        assert f"{c.row}: AUROC {auroc:.1f} under " in caption
     assert write_figure(ResultsStore(out), _request('fig5a', ['digits'], profile=load_profile_path(out))) == []
     assert 'fig5a (digits) skipped: 1 of 2 runs' in capsys.readouterr().out
 
@@ -202,8 +217,14 @@ def test_list_prints_one_self_contained_command_per_missing_run(killed_and_rerun
 
 def test_grids_cover_the_papers_tables():
     t1 = grid(_request('table1', ['digits'], [0, 1]))
-    assert {c.row for c in t1} == {'Softmax (MSP)', 'MLS', 'GCPL (CPN)', 'RPL', 'ARPL', 'PMAL (DR)', 'PMAL (PR)'}
-    assert len(unique_runs(t1)) == 12
+    other = {m: 'mls' if REJECTION_RULE[m] == 'msp' else 'msp' for m in ('rpl', 'arpl')}
+    assert {c.row for c in t1} == {'Softmax (MSP)', 'MLS', 'Softmax, equal budget', 'GCPL (CPN)', 'RPL', 'ARPL',
+                                   f"RPL ({RULE_WORDS[other['rpl']]})", f"ARPL ({RULE_WORDS[other['arpl']]})",
+                                   'PMAL (DR)', 'PMAL (PR)'}
+    assert len(unique_runs(t1)) == 14
+    rules = {(c.settings.method, c.rule) for c in t1}  # reference rules read as <method>_*, the other one by name
+    assert {('gcpl', 'gcpl'), ('rpl', 'rpl'), ('arpl', 'arpl'), ('rpl', other['rpl']), ('arpl', other['arpl']),
+            ('softmax_budget', 'msp')} <= rules
     t5 = grid(_request('table5', ['digits'], [0]))
     assert sorted({c.settings.T for c in t5}) == [1, 5, 10, 20, 30] and {c.settings.U for c in t5} == {2, 3, 4, 5, 6}
     t4 = grid(_request('table4', ['digits'], [0]))
@@ -213,3 +234,148 @@ def test_grids_cover_the_papers_tables():
     assert [c.paper['auroc']['value'] for c in t3] == [80.3, 78.1, 81.6, 80.2, 81.9, 83.1]
     assert {c.settings.distance for c in t3 if c.settings} == {'nearest', 'point_to_set'}
     assert len(unique_runs(grid(_request('fig4b', ['digits'])))) == 3
+
+
+# ---- faithfulness: versioned keys, image size, M1 shared with the softmax baseline, equal budget, honest reports ----
+
+TINY3 = "base: quick\nepochs: 2\ntsne_samples: 200\npmal: {T: 3}\n"
+
+
+@pytest.fixture(scope='module')
+def tiny3(tmp_path_factory):
+    path = tmp_path_factory.mktemp('profile3') / 'tiny3.yaml'
+    path.write_text(TINY3)
+    return str(path)
+
+
+def _run(out, profile, **kw):
+    return execute_run(resolve_settings(profile=profile, out_dir=str(out), device='cpu', **kw))
+
+
+def _ckpt(path):
+    return torch.load(path, map_location='cpu', weights_only=True)
+
+
+@pytest.fixture(scope='module')
+def pmal_first(tmp_path_factory, tiny3):
+    "A store where PMAL (seed 0) runs first, then the softmax baseline, MLS and softmax_budget (train_baseline watched)."
+    out = tmp_path_factory.mktemp('pmal_first')
+    first = _run(out, tiny3, method='pmal')
+    m1 = phase1_dir(resolve_settings(profile=tiny3, out_dir=str(out)), ResultsStore(out)) / 'phase1_model0.pt'
+    before = m1.stat()
+    with mock.patch('pmal.experiments.train_baseline', wraps=pmal.experiments.train_baseline) as tb:
+        records = {m: _run(out, tiny3, method=m) for m in ('softmax', 'mls', 'softmax_budget')}
+    return out, first, records, m1, before, tb.call_args_list
+
+
+def test_every_key_carries_the_spec_version():
+    spec = run_spec(resolve_settings(method='softmax'))
+    assert spec['pmal_version'] == SPEC_VERSION >= 2 and 'image_size' not in spec
+
+
+def test_softmax_baseline_reuses_m1_of_a_pmal_run(pmal_first):
+    out, pmal_record, records, m1, before, _ = pmal_first
+    store = ResultsStore(out)
+    softmax = store.work_dir(records['softmax']['key']) / 'model.pt'
+    phase1 = store.work_dir(pmal_record['key']) / 'phase1_model0.pt'
+    assert softmax.stat().st_ino == m1.stat().st_ino == phase1.stat().st_ino  # one file: trained once
+    assert m1.stat().st_mtime_ns == before.st_mtime_ns  # and not trained again
+    assert records['softmax']['reused'].startswith('M1 reused (checkpoint linked from shared/phase1/')
+    assert pmal_record['reused'] is None  # PMAL ran first: it trained M1
+    assert records['mls']['reused'].startswith('M1 reused') and records['mls']['metrics']['msp_auroc'] == \
+        records['softmax']['metrics']['msp_auroc']
+
+
+def test_m1_shared_either_way_gives_the_results_of_separate_trainings(pmal_first, tmp_path, tiny3):
+    "Softmax trained alone equals the one linked from PMAL's M1; PMAL after it links its M1 and equals PMAL run first."
+    out, pmal_record, records, _, _, _ = pmal_first
+    alone = _run(tmp_path, tiny3, method='softmax')
+    assert alone['reused'] is None
+    assert alone['metrics'] == pytest.approx(records['softmax']['metrics'], abs=1e-12)
+    after = _run(tmp_path, tiny3, method='pmal')
+    store = ResultsStore(tmp_path)
+    assert after['reused'].startswith('phase-1 model(s) [0] linked from shared/phase1/')
+    assert (store.work_dir(after['key']) / 'phase1_model0.pt').stat().st_ino == \
+        (store.work_dir(alone['key']) / 'model.pt').stat().st_ino
+    assert after['metrics'] == pytest.approx(pmal_record['metrics'], abs=1e-12)
+
+
+def test_softmax_budget_fine_tunes_m1_for_phase_2s_epochs(pmal_first):
+    out, pmal_record, records, m1, before, calls = pmal_first
+    store, budget = ResultsStore(out), records['softmax_budget']
+    inits = [c.kwargs['init'] for c in calls if c.kwargs.get('init') is not None]
+    assert len(inits) == 1 and len(calls) == 4  # softmax, mls, the M1 of softmax_budget (no training), its fine-tuning
+    m1_state = _ckpt(m1)['model']
+    assert all(torch.equal(inits[0][k].cpu(), v) for k, v in m1_state.items())  # starts from PMAL's M1
+    assert m1.stat().st_mtime_ns == before.st_mtime_ns
+    tuned = _ckpt(store.work_dir(budget['key']) / 'model.pt')
+    phase2 = _ckpt(store.work_dir(pmal_record['key']) / 'phase2.pt')
+    assert len(tuned['history']) == len(phase2['history']) == budget['settings']['epochs']  # PMAL's phase-2 budget
+    assert tuned['recipe'] == phase2['recipe']                                              # and its recipe
+    assert not all(torch.equal(tuned['model'][k], v) for k, v in m1_state.items())          # it trained
+    assert budget['summary']['rule'] == PRIMARY_RULE['softmax_budget'] == 'msp'
+    assert {'msp_auroc', 'mls_auroc', 'msp_oscr'} <= set(budget['metrics'])
+    md, _ = write_table(store, _request('table1', ['digits'], [0], profile=budget['settings']['profile']))
+    assert '| Softmax, equal budget | max probability | digits | 1/1 |' in md and 'equal budget: M1' in md
+
+
+def test_figure_captions_state_what_the_figures_support(pmal_first, tiny3, capsys):
+    out, _, _, _, _, _ = pmal_first
+    for seed in (1, 2): _run(out, tiny3, method='pmal', seed=seed)
+    store = ResultsStore(out)
+    paths = write_figure(store, _request('fig4b', ['digits'], profile=tiny3))
+    caption = Path([p for p in paths if p.suffix == '.txt'][0]).read_text()
+    assert 'mean pairwise prototype overlap |A∩B|/T = ' in caption and 'chosen in all 3 repetitions' in caption
+    assert any(v in caption for v in ('This supports', 'This only partly supports', 'This does not support'))
+    caption = Path(write_figure(store, _request('fig3b', ['digits'], profile=tiny3))[-1]).read_text()
+    assert "centred logits z·A of M1, the space where Algorithm 1 measures diversity" in caption
+    old = pmal.experiments.load_figure_data  # figure data written before train_c existed: drawn, and said so
+    with mock.patch('pmal.experiments.load_figure_data',
+                    lambda *a: {k: v for k, v in old(*a).items() if k != 'train_c'}):
+        caption = Path(write_figure(store, _request('fig3b', ['digits'], profile=tiny3))[-1]).read_text()
+    assert 'embeddings z of M1, NOT the space where Algorithm 1 measures diversity' in caption
+
+
+def test_image_size_downsamples_once_at_load_time(tmp_path):
+    small = tmp_path / 'small.yaml'
+    small.write_text("base: quick\nepochs: 1\ntsne_samples: 100\nimage_size: 4\n")
+    s = resolve_settings(method='softmax', profile=str(small), out_dir=str(tmp_path), device='cpu')
+    assert load_profile(small).image_shape((1, 8, 8)) == (1, 4, 4) == load_run_split(s).image_shape
+    assert run_spec(s)['image_size'] == 4 and 'at 4 px' in pmal.experiments.describe(s)
+    assert execute_run(s)['data']['image_shape'] == [1, 4, 4]
+    noop = tmp_path / 'noop.yaml'
+    noop.write_text("base: quick\nepochs: 1\ntsne_samples: 100\nimage_size: 8\n")  # digits are 8x8 already
+    plain = tmp_path / 'plain.yaml'
+    plain.write_text("base: quick\nepochs: 1\ntsne_samples: 100\n")
+    assert run_key(resolve_settings(method='softmax', profile=str(noop))) == \
+        run_key(resolve_settings(method='softmax', profile=str(plain)))
+    big = resolve_settings(dataset='tinyimagenet', profile=str(small))
+    assert big.backbone == 'digits_net' and big.epochs == 1  # the size rule sees 4x4, not 64x64
+    with pytest.raises(ValueError, match='needs images in memory'):
+        resolve_settings(dataset='imagenet100', profile=str(small))
+
+
+def test_an_old_record_does_not_crash_the_tables(tmp_path):
+    "A record of older code (no spec version, no metrics for a rule a row reads) is shown as failed, not a crash."
+    store, req = ResultsStore(tmp_path), _request('table1', ['digits'], [0])
+    cells = grid(req, tmp_path)
+    rpl = next(c for c in cells if c.settings.method == 'rpl')
+    store.write(dict(key=rpl.key, status='done', spec={'dataset': 'digits'}, metrics={'mls_auroc': 0.5}))
+    md, _ = write_table(store, req)
+    assert "| RPL | " in md and 'has no rpl_* metrics (older code)' in md
+    assert {r['status'] for r in table_rows(store, cells) if r['row'].startswith('RPL')} == {'failed'}
+
+
+def test_repeated_splits_are_footnoted():
+    md, _ = write_table(ResultsStore('/nonexistent-pmal-store'), _request('table1', ['svhn', 'cifar10', 'mnist']))
+    for ds in ('svhn', 'cifar10'):
+        assert f"{ds}: splits 0 and 1 of the standard split list hold the same known classes" in md
+    assert 'mnist: splits' not in md and 'mean over 4 distinct splits' in md
+    md, _ = write_table(ResultsStore('/nonexistent-pmal-store'), _request('table1', ['cifar10'], [1, 2]))
+    assert 'splits 0 and 1' not in md
+
+
+def test_the_notebooks_stand_alone():
+    root = Path(__file__).resolve().parents[1]
+    for nb in [root / 'nbs' / '30_experiments.ipynb', *(root / 'nbs' / 'experiments').glob('*.ipynb')]:
+        assert 'PMAL_SPEC' not in nb.read_text(), nb

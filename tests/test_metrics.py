@@ -205,3 +205,52 @@ def test_summarize_errors_and_edge_cases():
 def test_format_mean_std():
     assert format_mean_std((0.951, 0.0123)) == '95.1 ± 1.2'
     assert format_mean_std((0.951, 0.0123), scale=1, digits=3) == '0.951 ± 0.012'
+
+
+def reference_style_oscr(sk, correct, su):
+    """OSCR as the widely copied ARPL `compute_oscr` computes it (written from its description, distinct scores only):
+    samples in ascending score order s_(0) < ... < s_(n-1); for k = 0 .. n-2 the point pairs the FPR of the threshold
+    S >= s_(k) with the CCR of S > s_(k) (one sample later); the top threshold's point and the end point (1, ACC) are
+    never computed; (0, 0) and (1, 1) are added; trapezoid area over the points sorted by decreasing (FPR, CCR)."""
+    s = np.r_[sk, su]
+    hit = np.r_[correct, np.zeros(len(su), bool)].astype(float)[np.argsort(s)]
+    unk = np.r_[np.zeros(len(sk)), np.ones(len(su))][np.argsort(s)]
+    n = len(s)
+    pts = [(unk[k:].sum() / len(su), hit[k + 1:].sum() / len(sk)) for k in range(n - 1)] + [(0., 0.), (1., 1.)]
+    f, c = np.array(sorted(pts, reverse=True)).T
+    return float(np.sum((f[:-1] - f[1:]) * (c[:-1] + c[1:]) / 2))
+
+
+def test_oscr_hand_computed_against_the_reference_convention():
+    # knowns 0.9 (correct), 0.8 (wrong), 0.4 (correct); unknowns 0.6, 0.3.
+    # pmal (one point per threshold S >= t, from (0,0) to (1, ACC)):
+    #   (0,0) (0,1/3) (0,1/3) (1/2,1/3) (1/2,2/3) (1,2/3): area 1/2 * 1/3 + 1/2 * 2/3 = 1/2
+    # reference (FPR of S >= s_(k) with CCR of S > s_(k)): (1,2/3) (1/2,1/3) (1/2,1/3) (0,1/3) + (0,0) (1,1):
+    #   area 1/2 * (1/3 + 2/3)/2 + 1/2 * 1/3 = 1/4 + 1/6 = 5/12 -- the correct known at 0.4 is counted one step late
+    sk, correct, su = np.array([0.9, 0.8, 0.4]), np.array([True, False, True]), np.array([0.6, 0.3])
+    fpr, ccr = oscr_curve(sk, correct, su)
+    assert np.allclose(fpr, [0, 0, 0, .5, .5, 1]) and np.allclose(ccr, [0, 1/3, 1/3, 1/3, 2/3, 2/3])
+    assert oscr(sk, correct, su) == pytest.approx(1 / 2)
+    assert reference_style_oscr(sk, correct, su) == pytest.approx(5 / 12)
+    # one correct known at 1, one unknown at 0: pmal (0,0) (0,1) (1,1) -> 1; the reference misses (0,1) -> 1/2
+    assert oscr([1.], [True], [0.]) == 1.0
+    assert reference_style_oscr(np.array([1.]), np.array([True]), np.array([0.])) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize('seed', SEEDS)
+def test_reference_convention_is_never_higher(seed):
+    # each reference point is a true point moved right by one unknown, or kept: its area is never larger
+    sk, correct, su = random_case(seed)
+    assert reference_style_oscr(sk, correct, su) <= oscr(sk, correct, su) + 1e-12
+
+
+def test_fpr95_convention_known_is_positive():
+    # pmal: knowns are the positives. Threshold t = the score that accepts >= 95% of the knowns (S >= t);
+    # FPR95 = fraction of UNKNOWNS with S >= t. Knowns 1..20: m = ceil(0.95 * 20) = 19, t = 2;
+    # unknowns 0, 1.5, 2, 3, 10: three have S >= 2 -> 3/5.
+    # The other convention (unknown = positive, score -S): 95% of the 5 unknowns -> m = 5, t = -10 on -S,
+    # i.e. every known with S <= 10 is called unknown -> 10/20. pmal reports 0.6, not 0.5.
+    knowns, unknowns = np.arange(1., 21.), np.array([0., 1.5, 2., 3., 10.])
+    assert fpr_at_tpr(knowns, unknowns) == pytest.approx(0.6)
+    assert fpr_at_tpr(-unknowns, -knowns) == pytest.approx(0.5)  # the roles swapped: the other convention
+    assert openset_metrics(np.zeros(20), np.zeros(20), knowns, unknowns)['fpr95'] == pytest.approx(0.6)

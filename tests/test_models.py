@@ -98,13 +98,13 @@ def test_digits_net_has_dropout_and_bn():
 
 
 def test_registry_errors():
-    with pytest.raises(ValueError, match='valid names: classifier32, digits_net, resnet50, wrn40_4'):
+    with pytest.raises(ValueError, match='valid names: classifier32, classifier32_small, digits_net, resnet50, wrn40_4'):
         create_model('vgg16', 10)
     with pytest.raises(ValueError, match='num_classes'):
         create_model('digits_net', 0, 1)
     with pytest.raises(ValueError, match='in_channels'):
         create_model('digits_net', 3, 1.5)
-    assert set(MODELS) == {'classifier32', 'wrn40_4', 'resnet50', 'digits_net'}
+    assert set(MODELS) == {'classifier32', 'classifier32_small', 'wrn40_4', 'resnet50', 'digits_net'}
 
 
 def test_default_backbone():

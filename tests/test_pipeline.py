@@ -151,3 +151,40 @@ def test_concurrent_phase1_is_sequential_on_cpu(split):
     assert not torch.equal(a[0].head.weight, a[1].head.weight)  # seeds recipe.seed + u
     with pytest.raises(ValueError, match='concurrent'):
         train_softmax_models(split, 'digits_net', recipe, 2, 'cpu', trainer=lambda *a, **k: fit(*a, **k), concurrent=True)
+
+
+def _bn_tracked(model):
+    return [m.num_batches_tracked.item() for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+
+def test_phase2_prototype_pass_moves_running_statistics_once_per_step(split):
+    "Audit defect: the K x T prototype pass in train mode moved BatchNorm's running statistics a second time every step."
+    recipe = Recipe(epochs=1, lr=0.01, batch_size=64, seed=0)
+    pmal = PMAL.for_split(split, recipe=recipe, config=PMALConfig(T=3), progress=False).fit(split)
+    steps = -(-len(split.train) // 64)
+    m1 = _bn_tracked(pmal.phase1_models[0])
+    assert m1 and all(n == steps for n in m1)
+    assert all(n == 2 * steps for n in _bn_tracked(pmal.model))  # M1's steps + phase 2's, never K x T passes more
+
+
+def test_evaluate_model_scores_criteria_by_their_own_logits(split):
+    "Audit defect: msp_*/mls_* of GCPL/RPL/ARPL came from the linear head those criteria never train."
+    from pmal.pipeline import embed_part, part_labels
+    from pmal.rejection import evaluate_rejection
+    model, crit = train_baseline('rpl', split, recipe=Recipe(**{**RECIPE, 'epochs': 1}), progress=False)
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.head.parameters())  # the head is not trained
+    res = evaluate_model(model, crit, split, method='rpl')
+    (zk, _), (zu, _) = [embed_part(model, p, split) for p in (split.test_known, split.test_unknown)]
+    with torch.no_grad():
+        own = evaluate_rejection(crit.scores(zk), part_labels(split.test_known), crit.scores(zu))
+    for k in ('msp_auroc', 'mls_auroc', 'msp_acc'):
+        assert res[k] == pytest.approx(own[k])
+
+
+def test_train_baseline_starts_from_init(split):
+    "train_baseline(init=state_dict) continues from given weights (the equal-budget softmax control)."
+    recipe = Recipe(**{**RECIPE, 'epochs': 1})
+    m1, _ = train_baseline('softmax', split, recipe=recipe, progress=False)
+    zero, _ = train_baseline('softmax', split, recipe=Recipe(**{**RECIPE, 'epochs': 0}), progress=False,
+                             init=m1.state_dict())
+    for a, b in zip(m1.state_dict().values(), zero.state_dict().values()): assert torch.equal(a, b)

@@ -190,3 +190,40 @@ def test_property3_in_the_simulator():
     assert spearmanr(sim.sigma, r)[0] < -0.5
     cand = candidate_mask(r, sim.labels)
     assert sim.sigma[cand].mean() < sim.sigma[~cand].mean()
+
+
+def test_per_space_normalisation_changes_the_order_of_r():
+    # K = 1; space 1 at 0, 1, 3 and space 2 at 0, 2, 7 (a larger logit scale, ~2.4x).
+    # Literal gaps ||t1 - t2||: (0,1,4) -> sqrt 17, (1,0,3) -> sqrt 10, (4,3,0) -> 5: most robust 1, 0, 2.
+    # Each space divided by its RMS distance (sqrt(28/9), sqrt(156/9)) first: gaps ~(0.0887, 0.1095, 0.0698),
+    # most robust 2, 0, 1 -- the reverse. 'median', 'sqrt_n', 'none' divide every gap of the pair by one number.
+    c1 = torch.tensor([[0.], [1.], [3.]], dtype=torch.float64)
+    c2 = torch.tensor([[0.], [2.], [7.]], dtype=torch.float64)
+    gap = topology_distance([c1, c2])[0]
+    assert torch.allclose(gap, torch.tensor([17 ** .5, 10 ** .5, 5.], dtype=torch.float64))
+    s1, s2 = (28 / 9) ** .5, (156 / 9) ** .5
+    assert torch.allclose(rms_distance(c1, c1), torch.tensor(s1, dtype=torch.float64))
+    assert torch.allclose(rms_distance(c2, c2), torch.tensor(s2, dtype=torch.float64))
+    normalised = topology_distance([c1 / s1, c2 / s2])[0]
+    assert normalised.argsort().tolist() == [2, 0, 1]
+    for sc in ('median', 'sqrt_n', 'none'):
+        r = topology_robustness([c1, c2], scaling=sc)
+        assert r.argsort(descending=True).tolist() == [1, 0, 2], sc
+        assert spearmanr(-gap, r)[0] == pytest.approx(1.0)
+    for sc in ('rms_excess', 'rms_median', 'sqrt_n_rms'):
+        r = topology_robustness([c1, c2], scaling=sc)
+        assert r.argsort(descending=True).tolist() == [2, 0, 1], sc
+        assert spearmanr(-gap, r)[0] == pytest.approx(-1.0)
+    # rms_excess: excesses (0.0189, 0.0397, 0), median 0.0189 -> r = (e^-1, e^-2.10, 1)
+    e = normalised - normalised.min()
+    assert torch.allclose(topology_robustness([c1, c2]), torch.exp(-e / e.median()))
+
+
+def test_scale_only_scalings_keep_the_literal_order_in_the_simulator():
+    # heads with their own logit scales: rms_excess ranks by the normalised gap, median / sqrt_n by the literal one
+    sim = simulate_embeddings(seed=3)
+    c = [centred_logits(z, W).double() for z, W in zip(sim.z, sim.weights)]
+    gap = topology_distance(c)[0]
+    for sc in ('median', 'sqrt_n'):
+        assert spearmanr(-gap, topology_robustness(c, scaling=sc))[0] == pytest.approx(1.0)
+    assert spearmanr(-gap, topology_robustness(c, scaling='rms_excess'))[0] < 0.9

@@ -91,7 +91,8 @@ def test_criterion_params_are_optimised_and_saved(split, tmp_path):
     s = torch.load(tmp_path / 'c.pt', weights_only=True)
     assert torch.equal(s['criterion']['log_scale'], crit.log_scale.detach())
     n_model = len(list(model.parameters()))
-    assert len(s['optimizer']['param_groups'][0]['params']) == n_model + 1
+    groups = s['optimizer']['param_groups']  # the model's parameters, then the criterion's (no weight decay)
+    assert [len(g['params']) for g in groups] == [n_model, 1] and groups[1]['weight_decay'] == 0.0
 
 
 def test_sgd_recipe_trains(split):
@@ -315,3 +316,39 @@ def test_embed(split):
 def test_bad_batches_type():
     with pytest.raises(TypeError, match='make_batches'):
         fit(digits_net(6), [1, 2, 3], TINY, progress=False)
+
+
+def test_criterion_points_are_not_weight_decayed(split):
+    "Learned points of a criterion (GCPL/RPL/ARPL) get no weight decay, as in their reference code; the model does."
+    from pmal.train import prepare_training
+    model, crit = digits_net(6, 1), ScaledCE()
+    optimizer = prepare_training(model, crit, TINY, torch.device('cpu'))[0]
+    assert [g['weight_decay'] for g in optimizer.param_groups] == [TINY.weight_decay, 0.0]
+    assert optimizer.param_groups[1]['params'] == [crit.log_scale]
+    # a zero-gradient point stays where it is under Adam with weight decay (it would shrink if decayed)
+    torch.manual_seed(0)
+    model, crit = digits_net(6, 1), ScaledCE()
+    with torch.no_grad(): crit.log_scale.fill_(3.0)
+    crit.log_scale.register_hook(lambda g: torch.zeros_like(g))
+    fit(model, batches_of(split, dataclasses.replace(TINY, epochs=1, weight_decay=0.1)),
+        dataclasses.replace(TINY, epochs=1, weight_decay=0.1), crit, progress=False)
+    assert crit.log_scale.item() == 3.0
+
+
+def test_cpu_amp_trains_in_bfloat16_and_is_deterministic(split):
+    "Recipe(amp=True, channels_last=True) applies on a CPU: bf16 autocast, same weights for the same seed."
+    seen = []
+    class Probe(nn.Module):
+        def __init__(self):
+            super().__init__(); self.net = digits_net(6, 1); self.head = self.net.head
+        def forward(self, x):
+            seen.append((x.is_contiguous(memory_format=torch.channels_last), self.net(x)[1].dtype))
+            return self.net(x)
+    recipe = dataclasses.replace(TINY, epochs=1, amp=True, channels_last=True)
+    weights = []
+    for _ in range(2):
+        torch.manual_seed(0); model = Probe()
+        fit(model, batches_of(split, recipe), recipe, progress=False)
+        weights.append([t.clone() for t in model.state_dict().values()])
+    assert seen[0] == (True, torch.bfloat16)
+    for a, b in zip(*weights): assert torch.equal(a, b)

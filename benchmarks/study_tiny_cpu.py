@@ -1,0 +1,117 @@
+"""The choices behind the `tiny_cpu` profile, measured on a validation carve of TinyImageNet's training classes.
+
+Never the test split: `pmal.pipeline.carve_validation` holds 5 of split 0's 20 known classes out as pseudo-unknown
+and 20% of the other 15 classes' training images as pseudo-known test images (6,000 / 1,500 / 2,500 images).
+
+  recipe  BACKBONE:EPOCHS:LR_STEP_FRACTION:LR:FIRST_HELD_OUT ...   a softmax model per spec (bf16, channels-last,
+          32 px), its validation ACC and MSP/MLS AUROC, e.g. classifier32_small:40:0.7:0.001:15
+  bn      PMAL's phase 2 with each BatchNorm mode of the prototype pass (proto_bn) from one shared phase 1
+  scaling for the phase-1 models of a finished PMAL run in a results store: how well r predicts M1's correctness on
+          the training images (the claim of Fig. 4(a)) under each scaling of Eq. 7
+
+Usage: python benchmarks/study_tiny_cpu.py recipe classifier32_small:40:0.7:0.001:15 --data-root DATA
+       python benchmarks/study_tiny_cpu.py bn --epochs 40 --data-root DATA
+       python benchmarks/study_tiny_cpu.py scaling --store results/tiny_cpu --data-root DATA
+Results print to stdout (the logs in benchmarks/measured/ are its output).
+"""
+import argparse
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pmal.data import downsample_split, load_openset, make_batches
+from pmal.models import create_model
+from pmal.pipeline import PMAL, PMALConfig, SoftmaxCriterion, carve_validation, embed_part, evaluate_model, part_labels
+from pmal.train import Recipe, fit
+
+CPU = dict(amp=True, channels_last=True)
+
+
+def carve(data_root, first_held_out=15):
+    full = downsample_split(load_openset('tinyimagenet', 0, root=data_root), 32)
+    return carve_validation(full, held_out=list(range(first_held_out, first_held_out + 5)), val_fraction=0.2)
+
+
+def study_recipe(specs, data_root):
+    carves = {}
+    for spec in specs:
+        backbone, epochs, fraction, lr, held = spec.split(':')
+        epochs, fraction, lr, held = int(epochs), float(fraction), float(lr), int(held)
+        split = carves.setdefault(held, carve(data_root, held))
+        torch.manual_seed(0)
+        model = create_model(backbone, split.num_classes, 3)
+        recipe = Recipe(epochs=epochs, lr=lr, lr_step=max(1, round(epochs * fraction)), **CPU)
+        t = time.time()
+        history = fit(model, make_batches(split.train, split, 128, train=True, seed=0), recipe, progress=False)
+        res = evaluate_model(model, SoftmaxCriterion(), split)
+        print(f"{spec} fit {time.time() - t:.0f}s train_acc {history[-1]['acc']:.3f} acc {res['msp_acc']:.3f} "
+              f"msp_auroc {res['msp_auroc']:.3f} mls_auroc {res['mls_auroc']:.3f}", flush=True)
+
+
+def study_bn(epochs, data_root, held=15, modes=('batch', 'eval', 'joint', 'train')):
+    split = carve(data_root, held)
+    recipe = Recipe(epochs=epochs, lr=0.001, lr_step=max(1, round(0.7 * epochs)), **CPU)
+    t = time.time()
+    base = PMAL.for_split(split, backbone='classifier32_small', recipe=recipe, progress=False).mine(split)
+    print(f"phase 1 + mining {time.time() - t:.0f}s", flush=True)
+    for mode in modes:
+        t = time.time()
+        v = PMAL.for_split(split, backbone='classifier32_small', recipe=recipe, config=PMALConfig(proto_bn=mode),
+                           progress=False)
+        v.phase1_models, v.prototypes = base.phase1_models, base.prototypes
+        m = v.learn(split).evaluate(split)
+        print(f"proto_bn={mode:<6} phase 2 {time.time() - t:.0f}s " +
+              ' '.join(f"{k} {m[k]:.3f}" for k in ('msp_acc', 'dr_auroc', 'msp_auroc', 'dr_oscr')), flush=True)
+
+
+def study_scaling(store, data_root, split_index=0):
+    "r under each scaling, from the two phase-1 models of the store's PMAL run: AUROC of r for M1 being right."
+    from pmal.experiments import ResultsStore, load_profile
+    from pmal.robustness import SCALINGS, topology_robustness
+    from pmal.metrics import auroc
+    store = ResultsStore(store)
+    runs = [r for r in store.records() if r['status'] == 'done' and r['settings']['method'] == 'pmal'
+            and r['settings']['split'] == split_index and r['settings']['T'] == 10 and r['settings']['U'] == 2]
+    s = runs[0]['settings']
+    split = downsample_split(load_openset('tinyimagenet', split_index, root=data_root), load_profile(s['profile']).image_size)
+    work = store.work_dir(runs[0]['key'])
+    models = []
+    for u in range(2):
+        m = create_model(s['backbone'], split.num_classes, 3)
+        m.load_state_dict(torch.load(work / f'phase1_model{u}.pt', map_location='cpu', weights_only=True)['model'])
+        models.append(m)
+    outs = [embed_part(m, split.train, split) for m in models]
+    y = part_labels(split.train)
+    right = (outs[0][1].argmax(1) == y).float()
+    print(f"M1 training accuracy (eval mode, no augmentation) {right.mean():.3f}")
+    from pmal.mahalanobis import centred_logits
+    centred = [centred_logits(z, m.head.weight.detach().float()) for (z, _), m in zip(outs, models)]
+    rs = {}
+    for scaling in SCALINGS:
+        r = topology_robustness(centred, scaling=scaling)
+        rs[scaling] = r
+        print(f"scaling={scaling:<12} AUROC of r for 'M1 is right' {auroc(r[right == 1], r[right == 0]):.3f}")
+    from scipy.stats import spearmanr
+    for a in SCALINGS:
+        print(f"Spearman(r[{a}], r[median]) {spearmanr(rs[a].numpy(), rs['median'].numpy()).statistic:.3f}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('study', choices=('recipe', 'bn', 'scaling'))
+    p.add_argument('specs', nargs='*')
+    p.add_argument('--data-root', default=None)
+    p.add_argument('--epochs', type=int, default=40)
+    p.add_argument('--store', default='results/tiny_cpu')
+    a = p.parse_args(argv)
+    if a.study == 'recipe': study_recipe(a.specs, a.data_root)
+    elif a.study == 'bn': study_bn(a.epochs, a.data_root)
+    else: study_scaling(a.store, a.data_root)
+
+
+if __name__ == '__main__':
+    main()

@@ -117,6 +117,7 @@ def stage():
         if doc not in listed: problems.append(f"{nb.relative_to(ROOT)} is not in the table of contents: add '{doc}' to docs/toc.md")
     for doc in listed:
         if not (ROOT / f'{doc}.ipynb').exists(): problems.append(f"docs/toc.md lists {doc}, which is not a notebook of nbs/")
+    if problems: return problems
     # API pages, in reading order; every module of the package must come from a notebook
     order = [d for d in listed if (ROOT / f'{d}.ipynb') in modules.values()]
     api = sorted(modules, key=lambda m: order.index(modules[m].relative_to(ROOT).with_suffix('').as_posix()))

@@ -1,6 +1,6 @@
 """What a user who installs pmal gets: the wheel and the sdist carry the modules, the papermill templates and the
 `pmal-reproduce` entry point, and a wheel installed on its own (no checkout beside it) runs `pmal-reproduce run`."""
-import json, os, subprocess, sys, tarfile, zipfile
+import json, os, signal, subprocess, sys, tarfile, zipfile
 from pathlib import Path
 
 import pytest
@@ -11,9 +11,17 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = "base: quick\nepochs: 2\ntsne_samples: 200\n"
 
 
-def _run(args, **kw):
-    r = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=300, **kw)
-    assert r.returncode == 0, f"{' '.join(map(str, args))}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+def _run(args, timeout=300, **kw):
+    "Run a command in its own session; on a timeout, end it with everything it started (a papermill kernel too)."
+    proc = subprocess.Popen([str(a) for a in args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, **kw)
+    try: out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    r = subprocess.CompletedProcess(args, proc.returncode, out, err)
+    assert r.returncode == 0, f"{' '.join(map(str, args))}\n{out[-3000:]}\n{err[-3000:]}"
     return r
 
 
@@ -96,7 +104,7 @@ def test_installed_wheel_runs_pmal_reproduce_outside_the_checkout(wheel, tmp_pat
                  cwd=elsewhere, env=env).stdout.split()
     assert where == [str(site / 'pmal' / '__init__.py'), str(site / 'pmal' / 'templates')]
     r = _run([site / 'bin' / 'pmal-reproduce', 'run', '--out', 'store', '--set', 'dataset=digits', '--set', 'profile=tiny.yaml',
-              '--set', 'T=3'], cwd=elsewhere, env=env)
+              '--set', 'T=3'], cwd=elsewhere, env=env, timeout=600)  # ~15 s on an idle 2-core machine
     assert r.stdout.startswith('done: ')
     (record,) = (elsewhere / 'store' / 'records').glob('*.json')
     record = json.loads(record.read_text())

@@ -1152,24 +1152,15 @@ def write_figure(store, request):
 # %% ../nbs/30_experiments.ipynb #dea990ac
 TEMPLATES = ('run', 'tables', 'figures')
 
-def _installed_source():
-    "The folder pip installed pmal from (PEP 610 direct_url.json), or None."
-    from importlib import metadata
-    try: info = json.loads(metadata.distribution('pmal').read_text('direct_url.json') or 'null')
-    except (metadata.PackageNotFoundError, json.JSONDecodeError): return None
-    url = (info or {}).get('url', '')
-    return Path(url[7:]) if url.startswith('file://') else None
-
 def template_dir(templates=None):
     "The folder holding run.ipynb, tables.ipynb and figures.ipynb (see the search order above)."
     package = Path(pmal.__file__).parent
-    source = _installed_source()
-    candidates = [templates, os.environ.get('PMAL_TEMPLATES'), package.parent / 'nbs' / 'experiments',
-                  source / 'nbs' / 'experiments' if source else None, package / 'templates']
+    candidates = [templates, os.environ.get('PMAL_TEMPLATES'), package.parent / 'nbs' / 'experiments', package / 'templates']
     for c in candidates:
         if c and all((Path(c) / f'{t}.ipynb').is_file() for t in TEMPLATES): return Path(c)
     raise FileNotFoundError("the experiment templates (run.ipynb, tables.ipynb, figures.ipynb) were not found; pass "
-                            "--templates DIR or set PMAL_TEMPLATES to the nbs/experiments folder of a pmal checkout")
+                            "--templates DIR or set PMAL_TEMPLATES to the nbs/experiments folder of a pmal checkout (an installed pmal "
+                            "ships them in pmal/templates/: reinstall it if that folder is missing)")
 
 def template_parameters(path):
     "Names of the `parameters` cell of a papermill template."

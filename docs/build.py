@@ -128,10 +128,11 @@ def stage():
     for m in api: (STAGE / 'api' / f'{m}.md').write_text(api_page(m, modules[m]), encoding='utf-8')
     # the home page, and what it links to: the committed tables (pages), figures and benchmark notes
     (STAGE / 'index.md').write_text(home_page((ROOT / 'README.md').read_text(encoding='utf-8'), toc, api), encoding='utf-8')
-    for md in [*(ROOT / 'figures').glob('*.md'), ROOT / 'benchmarks' / 'results.md']:
+    for md in [*(ROOT / 'figures').glob('*.md'), ROOT / 'benchmarks' / 'results.md', *(ROOT / 'results').glob('*/tables/*.md')]:
         if md.exists():
-            (STAGE / md.parent.name).mkdir(exist_ok=True)
-            (STAGE / md.parent.name / md.name).write_text(orphan(md.read_text(encoding='utf-8')), encoding='utf-8')
+            page = STAGE / md.parent.relative_to(ROOT) / md.name
+            page.parent.mkdir(parents=True, exist_ok=True)
+            page.write_text(orphan(md.read_text(encoding='utf-8')), encoding='utf-8')
     shutil.copytree(ROOT / 'figures', STAGE / 'figures', dirs_exist_ok=True, ignore=shutil.ignore_patterns('*.md'))
     shutil.copytree(ROOT / 'figures', EXTRA / 'figures', ignore=shutil.ignore_patterns('*.md'))
     return problems

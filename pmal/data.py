@@ -29,6 +29,8 @@ from torchvision.datasets.folder import default_loader
 from torchvision.datasets.utils import download_and_extract_archive
 from PIL import Image
 
+from .files import atomic_write
+
 # %% ../nbs/00_data.ipynb #2d42a9b7
 @dataclass(repr=False)
 class ImageSet:
@@ -219,13 +221,11 @@ class _PresentSVHN(SVHN):
 MNIST_FILES = ['train-images-idx3-ubyte', 'train-labels-idx1-ubyte', 't10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte']
 
 def _gunzip_missing(folder, files):
-    "Decompress `f.gz` to `f` (tmp + os.replace) where only the archive is present."
+    "Decompress `f.gz` to `f` (atomically) where only the archive is present."
     for f in files:
         src, dst = folder / (f + '.gz'), folder / f
         if dst.exists() or not src.exists(): continue
-        tmp = dst.with_name(dst.name + '.tmp')
-        with gzip.open(src, 'rb') as fi, open(tmp, 'wb') as fo: shutil.copyfileobj(fi, fo)
-        os.replace(tmp, dst)
+        with gzip.open(src, 'rb') as fi, atomic_write(dst) as fo: shutil.copyfileobj(fi, fo)
 
 def _load_mnist(bench, root, split, known, download):
     "MNIST through torchvision (root/MNIST/raw)."

@@ -8,13 +8,13 @@ __all__ = ['TINY_CPU_DESCRIPTION', 'PROFILES', 'PROFILE_KEYS', 'METHODS', 'PMAL_
            'TARGETS', 'DEFAULT_DATASETS', 'RULE_WORDS', 'TABLE1_ROWS', 'TABLE2_ROWS', 'NO_DIVERSITY', 'TABLE3_ROWS',
            'TABLE4_ROWS', 'TABLE_TITLES', 'METRICS', 'FIGURES', 'TEMPLATES', 'DEMO', 'Profile', 'downsampled_shape',
            'load_profile', 'RunSettings', 'dataset_image_shape', 'run_image_size', 'base_recipe', 'resolve_settings',
-           'is_resolved', 'run_recipe', 'run_config', 'run_spec', 'run_key', 'work_key', 'describe',
-           'write_json_atomic', 'ResultsStore', 'load_run_split', 'phase1_dir', 'train_m1', 'hardware', 'base_record',
-           'error_record', 'execute_run', 'show_record', 'paper_value', 'other_rule', 'rule_name', 'Cell', 'grid',
-           'unique_runs', 'table_rows', 'table_markdown', 'duplicate_splits', 'write_table', 'load_figure_data',
-           'cell_auroc', 'figure_3b', 'figure_4a', 'prototype_overlap', 'figure_4b', 'figure_5a', 'figure_6',
-           'write_figure', 'template_dir', 'template_parameters', 'run_notebook', 'run_all', 'build_reports',
-           'make_tables', 'make_figures', 'list_commands', 'reproduce', 'main']
+           'is_resolved', 'run_recipe', 'run_config', 'run_spec', 'run_key', 'work_key', 'describe', 'ResultsStore',
+           'load_run_split', 'phase1_dir', 'train_m1', 'hardware', 'base_record', 'error_record', 'execute_run',
+           'show_record', 'paper_value', 'other_rule', 'rule_name', 'Cell', 'grid', 'unique_runs', 'table_rows',
+           'table_markdown', 'duplicate_splits', 'write_table', 'load_figure_data', 'cell_auroc', 'figure_3b',
+           'figure_4a', 'prototype_overlap', 'figure_4b', 'figure_5a', 'figure_6', 'write_figure', 'template_dir',
+           'template_parameters', 'run_notebook', 'run_all', 'build_reports', 'make_tables', 'make_figures',
+           'list_commands', 'reproduce', 'main']
 
 # %% ../nbs/30_experiments.ipynb #e5186160
 import argparse, csv, hashlib, json, os, platform, re, shlex, signal, sys, time, traceback
@@ -27,6 +27,7 @@ import torch
 import yaml
 
 import pmal
+from .files import atomic_write, write_json_atomic, RunLock
 from .data import BENCHMARKS, load_openset
 from .models import MODELS, default_backbone
 from .train import Recipe, PAPER_RECIPE, IMAGENET_RECIPE, EXECUTION_FIELDS, seed_everything
@@ -335,20 +336,6 @@ def describe(s):
     return text + ')'
 
 # %% ../nbs/30_experiments.ipynb #3e0ab808
-def write_json_atomic(obj, path):
-    "Write `obj` as JSON to `path` via a temporary file in the same folder, fsync and os.replace."
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, 'w') as f:
-            json.dump(obj, f, indent=1, default=str)
-            f.flush(); os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists(): tmp.unlink()
-    return path
-
 class ResultsStore:
     "A folder of run records (one JSON per run key), work folders, artifacts, executed notebooks, tables and figures."
     def __init__(self, root='runs'): self.root = Path(root).expanduser().absolute()
@@ -562,9 +549,7 @@ def _save_artifacts(store, key, data, prototypes):
     out = {}
     if prototypes is not None: out['prototypes'] = prototypes.save(folder / 'prototypes.npz')
     arrays = {k: (v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v)) for k, v in data.items()}
-    tmp = folder / '.figure_data.tmp.npz'
-    np.savez_compressed(tmp, **arrays)
-    os.replace(tmp, folder / 'figure_data.npz')
+    with atomic_write(folder / 'figure_data.npz') as f: np.savez_compressed(f, **arrays)
     out['figure_data'] = folder / 'figure_data.npz'
     return {k: str(Path(v).relative_to(store.root)) for k, v in out.items()}
 
@@ -925,15 +910,11 @@ def write_table(store, request, cells=None):
     rows = table_rows(store, cells)
     md = table_markdown(TABLE_TITLES[request['target']] + f" — {', '.join(request['datasets'])}", rows,
                         _table_notes(request, cells))
-    store.tables_dir.mkdir(parents=True, exist_ok=True)
     stem = store.tables_dir / _stem(request)
-    (stem.with_suffix('.md.tmp')).write_text(md)
-    os.replace(stem.with_suffix('.md.tmp'), stem.with_suffix('.md'))
-    tmp = stem.with_suffix('.csv.tmp')
-    with open(tmp, 'w', newline='') as f:
+    with atomic_write(stem.with_suffix('.md'), 'w') as f: f.write(md)
+    with atomic_write(stem.with_suffix('.csv'), 'w', newline='') as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ['row'])
         w.writeheader(); w.writerows(rows)
-    os.replace(tmp, stem.with_suffix('.csv'))
     return md, [stem.with_suffix('.md'), stem.with_suffix('.csv')]
 
 # %% ../nbs/30_experiments.ipynb #82e24f64
@@ -946,13 +927,13 @@ def load_figure_data(store, key):
 def _save_figure(fig, store, stem, caption=None):
     "PNG and PDF of `fig`, and its caption (what the figure shows and what it supports) as <stem>.txt."
     import matplotlib.pyplot as plt
-    store.figures_dir.mkdir(parents=True, exist_ok=True)
     paths = [store.figures_dir / f'{stem}.{ext}' for ext in ('png', 'pdf')]
-    for p in paths: fig.savefig(p, dpi=130, bbox_inches='tight')
+    for p in paths:
+        with atomic_write(p) as f: fig.savefig(f, format=p.suffix[1:], dpi=130, bbox_inches='tight')
     plt.close(fig)
     if caption:
         paths.append(store.figures_dir / f'{stem}.txt')
-        paths[-1].write_text(caption.strip() + '\n')
+        with atomic_write(paths[-1], 'w') as f: f.write(caption.strip() + '\n')
     return paths
 
 def cell_auroc(store, cell):

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .files import atomic_write
 from .mahalanobis import centred_logits
 from .robustness import topology_robustness, candidate_mask
 from .diversity import select_prototypes, quality_max_probability, quality_probability_variance
@@ -48,15 +49,12 @@ class Prototypes:
         return torch.nonzero(self.labels == k).flatten()
 
     def save(self, path):
-        "Write one .npz atomically (temporary file + rename)."
+        "Write one .npz atomically (`pmal.files.atomic_write`)."
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         arrays = dict(indices=self.indices.numpy(), r=self.r.numpy(), candidates=self.candidates.numpy(),
                       labels=self.labels.numpy(), settings=np.array(json.dumps(self.settings)))
         if self.positions is not None: arrays['positions'] = self.positions.numpy()
-        tmp = path.with_name(path.name + '.tmp')
-        with open(tmp, 'wb') as f: np.savez(f, **arrays)
-        os.replace(tmp, path)
+        with atomic_write(path) as f: np.savez(f, **arrays)
         return path
 
     @classmethod

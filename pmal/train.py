@@ -18,6 +18,7 @@ from torch import nn
 import torch.nn.functional as F
 from tqdm import tqdm
 from .data import DeviceBatches, ImageSet
+from .files import atomic_write
 
 # %% ../nbs/02_train.ipynb #63f53db3
 @dataclass(frozen=True)
@@ -114,17 +115,8 @@ def _check_finite(losses, epoch, first_step):
 
 # %% ../nbs/02_train.ipynb #32766aa7
 def atomic_save(obj, path):
-    "torch.save `obj` to `path` through a temporary file and an atomic rename (no partial file on a crash)."
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + '.tmp')
-    try:
-        with open(tmp, 'wb') as f:
-            torch.save(obj, f)
-            f.flush(); os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists(): tmp.unlink()
+    "torch.save `obj` to `path` atomically (`pmal.files.atomic_write`: no partial file on a crash, no shared temporary file)."
+    with atomic_write(path) as f: torch.save(obj, f)
 
 EXECUTION_FIELDS = ('compile', 'cuda_graph')  # how the step runs, not what it computes
 

@@ -62,10 +62,14 @@ class Prototypes:
         "Read a file written by `save`."
         path = Path(path)
         if not path.exists(): raise FileNotFoundError(f"no prototypes at {path}: mine them with mine_prototypes(...).save(path)")
-        with np.load(path, allow_pickle=False) as f:
-            t = {k: torch.from_numpy(f[k].copy()) for k in f.files if k != 'settings'}
-            settings = json.loads(str(f['settings']))
-        return cls(t['indices'], t['r'], t['candidates'], t['labels'], settings, t.get('positions'))
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                t = {k: torch.from_numpy(f[k].copy()) for k in f.files if k != 'settings'}
+                settings = json.loads(str(f['settings']))
+            return cls(t['indices'], t['r'], t['candidates'], t['labels'], settings, t.get('positions'))
+        except Exception as e:  # truncated zip, missing array, bad JSON: name the file
+            raise ValueError(f"prototypes file {path} is damaged or not written by Prototypes.save "
+                             f"({type(e).__name__}: {e}); delete it to mine again") from e
 
 # %% ../nbs/14_mining.ipynb #0483b1ad
 QUALITY = ('robustness', 'max_probability', 'ensemble_variance', 'mc_dropout')

@@ -261,7 +261,7 @@ def read_checkpoint(path, keys=CHECKPOINT_KEYS):
     try: s = torch.load(path, map_location='cpu', weights_only=True)
     except FileNotFoundError: raise
     except Exception as e:
-        cause = (str(e).strip().splitlines() or [''])[0][:200]
+        cause = (str(e).strip().splitlines() or [''])[0].split('. ')[0][:200]  # its first sentence
         raise CheckpointError(f"checkpoint {path} is damaged or not a pmal checkpoint ({type(e).__name__}: {cause})") from e
     missing = [k for k in keys if not isinstance(s, dict) or k not in s]
     if missing: raise CheckpointError(f"checkpoint {path} is not a pmal checkpoint of this kind: it lacks {missing}")

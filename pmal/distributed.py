@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from .data import LoaderBatches, normalize, _epoch_generator
+from .files import write_json_atomic
 from .train import Recipe, SoftmaxCriterion, prepare_training, atomic_save, _train_epoch, _checkpoint_state, EagerStep
 from .mahalanobis import centred_logits
 from .robustness import topology_robustness, model_pairs, _check_spaces, _augment, _block_rows, _run_blocks
@@ -365,8 +366,7 @@ def main(argv=None):
                        metrics=pmal.evaluate(split))
             print(json.dumps(out))
             if args.json:
-                tmp = Path(args.json).with_name(Path(args.json).name + '.tmp')
-                tmp.write_text(json.dumps(out, indent=1)); os.replace(tmp, args.json)
+                write_json_atomic(out, args.json)
         if _active(): dist.barrier()
     finally:
         if _initialized(): dist.destroy_process_group()

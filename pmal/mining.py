@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .files import atomic_write
 from .mahalanobis import centred_logits
 from .robustness import topology_robustness, candidate_mask
 from .diversity import select_prototypes, quality_max_probability, quality_probability_variance
@@ -48,15 +49,12 @@ class Prototypes:
         return torch.nonzero(self.labels == k).flatten()
 
     def save(self, path):
-        "Write one .npz atomically (temporary file + rename)."
+        "Write one .npz atomically (`pmal.files.atomic_write`)."
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         arrays = dict(indices=self.indices.numpy(), r=self.r.numpy(), candidates=self.candidates.numpy(),
                       labels=self.labels.numpy(), settings=np.array(json.dumps(self.settings)))
         if self.positions is not None: arrays['positions'] = self.positions.numpy()
-        tmp = path.with_name(path.name + '.tmp')
-        with open(tmp, 'wb') as f: np.savez(f, **arrays)
-        os.replace(tmp, path)
+        with atomic_write(path) as f: np.savez(f, **arrays)
         return path
 
     @classmethod
@@ -64,10 +62,14 @@ class Prototypes:
         "Read a file written by `save`."
         path = Path(path)
         if not path.exists(): raise FileNotFoundError(f"no prototypes at {path}: mine them with mine_prototypes(...).save(path)")
-        with np.load(path, allow_pickle=False) as f:
-            t = {k: torch.from_numpy(f[k].copy()) for k in f.files if k != 'settings'}
-            settings = json.loads(str(f['settings']))
-        return cls(t['indices'], t['r'], t['candidates'], t['labels'], settings, t.get('positions'))
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                t = {k: torch.from_numpy(f[k].copy()) for k in f.files if k != 'settings'}
+                settings = json.loads(str(f['settings']))
+            return cls(t['indices'], t['r'], t['candidates'], t['labels'], settings, t.get('positions'))
+        except Exception as e:  # truncated zip, missing array, bad JSON: name the file
+            raise ValueError(f"prototypes file {path} is damaged or not written by Prototypes.save "
+                             f"({type(e).__name__}: {e}); delete it to mine again") from e
 
 # %% ../nbs/14_mining.ipynb #0483b1ad
 QUALITY = ('robustness', 'max_probability', 'ensemble_variance', 'mc_dropout')

@@ -4,9 +4,11 @@
 
 # %% auto #0
 __all__ = ['MODELS', 'EmbeddingClassifier', 'classifier32', 'classifier32_small', 'WideBasic', 'wide_resnet', 'wrn40_4',
-           'resnet50', 'digits_net', 'create_model', 'default_backbone']
+           'resnet50', 'digits_net', 'create_model', 'default_backbone', 'check_input']
 
 # %% ../nbs/01_models.ipynb #cb97b239
+from functools import lru_cache
+
 import torch
 from torch import nn
 import torchvision
@@ -134,3 +136,19 @@ def default_backbone(image_shape):
     if len(image_shape) != 3: raise ValueError(f"image_shape must be (C, H, W), got {tuple(image_shape)}.")
     side = max(image_shape[1:])
     return 'digits_net' if side <= 8 else 'classifier32' if side <= 64 else 'resnet50'
+
+# %% ../nbs/01_models.ipynb #ff74d105
+@lru_cache(maxsize=256)
+def _input_problem(name, image_shape):
+    with torch.device('meta'):
+        model = create_model(name, 2, image_shape[0]).train()
+        try: model(torch.empty(2, *image_shape))
+        except (RuntimeError, ValueError) as e: return str(e).split('\n')[0]
+    return None
+
+def check_input(name, image_shape):
+    "ValueError unless backbone `name` can train on images of shape (C, H, W) (a forward pass on the meta device)."
+    image_shape = tuple(int(s) for s in image_shape)
+    if len(image_shape) != 3 or min(image_shape) < 1: raise ValueError(f"image_shape must be (C, H, W), got {image_shape}.")
+    problem = _input_problem(name, image_shape)
+    if problem: raise ValueError(f"backbone {name} cannot take images of {' x '.join(map(str, image_shape))} (C x H x W): {problem}")

@@ -8,7 +8,7 @@ __all__ = ['PMALConfig', 'part_labels', 'subset_part', 'InputStats', 'embed_part
            'train_baseline', 'evaluate_model', 'carve_validation']
 
 # %% ../nbs/22_pmal.ipynb #fa81bdd7
-import warnings
+import json, math, warnings
 from dataclasses import dataclass, asdict, replace
 from pathlib import Path
 
@@ -16,11 +16,13 @@ import torch
 import torch.nn as nn
 
 from .data import ImageSet, make_batches
-from .models import create_model, default_backbone
+from .models import create_model, default_backbone, check_input
 from functools import partial
-from .train import Recipe, fit, SoftmaxCriterion, seed_everything, atomic_save, run_concurrently
+from .train import Recipe, fit, SoftmaxCriterion, seed_everything, atomic_save, run_concurrently, read_checkpoint
+from .files import set_aside
 from .mining import mine_prototypes, Prototypes
 from .diversity import DIVERSITY
+from .robustness import SCALINGS
 from .loss import point_to_set_distance, nearest_prototype_distance, pmal_loss
 from .rejection import evaluate_rejection
 from .baselines import create_criterion, REJECTION_RULE
@@ -54,8 +56,23 @@ class PMALConfig:
         for name, valid in _CHOICES.items():
             if getattr(self, name) not in valid:
                 raise ValueError(f"PMALConfig.{name}={getattr(self, name)!r} is not one of {valid}")
+        if self.scaling is not None and self.scaling not in SCALINGS:
+            raise ValueError(f"PMALConfig.scaling={self.scaling!r} is not one of {SCALINGS} (or None)")
+        for name in ('U', 'T', 'refresh_every', 'mc_samples') + (('landmarks',) if self.landmarks is not None else ()):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int): raise ValueError(f"PMALConfig.{name} must be an integer, got {v!r}")
+        for name in ('eps', 'delta', 'lambda_p'):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"PMALConfig.{name} must be a finite number, got {v!r}")
+        if not isinstance(self.proto_grad, bool): raise ValueError(f"PMALConfig.proto_grad must be true or false, got {self.proto_grad!r}")
         if self.U < 2: raise ValueError(f"PMALConfig.U={self.U}: the robustness needs at least 2 embedding spaces")
         if self.T < 1 or self.refresh_every < 1: raise ValueError("PMALConfig.T and refresh_every must be >= 1")
+        for name, ok, rule in (('eps', 0 <= self.eps <= 1, 'in [0, 1] (a fraction of the largest r of the class)'),
+                               ('delta', self.delta >= 0, '>= 0 (a margin)'), ('lambda_p', self.lambda_p >= 0, '>= 0 (a loss weight)'),
+                               ('mc_samples', self.mc_samples >= 1, '>= 1'),
+                               ('landmarks', self.landmarks is None or self.landmarks >= 1, '>= 1 or None')):
+            if not ok: raise ValueError(f"PMALConfig.{name} must be {rule}, got {getattr(self, name)}")
 
     def to_dict(self):
         "The settings as a plain dict (JSON-ready)."
@@ -226,7 +243,10 @@ def train_softmax_models(split, backbone, recipe, U=2, device='cpu', work_dir=No
 def _cached_prototypes(path, config, N):
     "Prototypes saved at `path` if they were mined with `config`'s mining settings from N samples, else None."
     if path is None or not path.exists(): return None
-    protos = Prototypes.load(path)
+    try: protos = Prototypes.load(path)
+    except ValueError as e:
+        set_aside(path, str(e))
+        return None
     want = {**{k: getattr(config, k) for k in _MINING_FIELDS}, 'N': N}
     if config.scaling is None: want.pop('scaling')
     stale = {k: (protos.settings.get(k), v) for k, v in want.items() if protos.settings.get(k) != v}
@@ -279,6 +299,7 @@ class PMAL:
 
     def mine(self, split):
         "Phase 1: train the U softmax models and mine T prototypes per class."
+        check_input(self.backbone, split.image_shape)  # images the backbone cannot take fail here, not in phase 1
         self.phase1_models = train_softmax_models(split, self.backbone, self.recipe, self.config.U, self.device,
                                                   self.work_dir, self.progress, self.on_epoch_end, self.trainer,
                                                   self.concurrent_phase1)
@@ -337,15 +358,18 @@ class PMAL:
     def save(self, path):
         "Weights, prototype inputs and indices, and settings in one file (written atomically)."
         self._check_fitted()
-        atomic_save(dict(model=self.model.state_dict(), criterion=self.criterion.state_dict(),
-                         proto_indices=self.prototypes.indices if self.prototypes is not None else None,
+        P = self.prototypes
+        protos = None if P is None else dict(indices=P.indices, r=P.r, candidates=P.candidates, labels=P.labels,
+                                             settings=json.dumps(P.settings, default=str), positions=P.positions)
+        atomic_save(dict(model=self.model.state_dict(), criterion=self.criterion.state_dict(), prototypes=protos,
+                         proto_indices=P.indices if P is not None else None,
                          config=self.config.to_dict(), recipe=asdict(self.recipe), backbone=self.backbone,
                          num_classes=self.num_classes, in_channels=self.in_channels, inputs=asdict(self.inputs)), path)
 
     @classmethod
     def load(cls, path, device='cpu'):
         "A fitted PMAL from `save` (read with weights_only=True: no code is unpickled)."
-        s = torch.load(path, map_location='cpu', weights_only=True)
+        s = read_checkpoint(path, keys=('model', 'criterion', 'config', 'recipe', 'backbone', 'num_classes', 'in_channels', 'inputs'))
         self = cls(s['num_classes'], s['backbone'], s['in_channels'], PMALConfig(**s['config']),
                    Recipe(**s['recipe']), device=device, progress=False)
         self.model = create_model(self.backbone, self.num_classes, self.in_channels)
@@ -353,19 +377,25 @@ class PMAL:
         self.criterion = PMALCriterion(s['criterion']['proto_inputs'], self.config)
         self.criterion.load_state_dict(s['criterion'])
         self.inputs = InputStats(**{k: tuple(v) if isinstance(v, list) else v for k, v in s['inputs'].items()})
-        self.proto_indices = s['proto_indices']
+        self.proto_indices, p = s.get('proto_indices'), s.get('prototypes')
+        if p is not None:  # files saved before the prototypes were: predict and scores work, `prototypes` stays None
+            self.prototypes = Prototypes(p['indices'], p['r'], p['candidates'], p['labels'], json.loads(p['settings']),
+                                         p.get('positions'))
         return self
 
 # %% ../nbs/22_pmal.ipynb #f01c1935
-def train_baseline(method, split, backbone=None, recipe=None, device='cpu', work_dir=None, progress=True, init=None):
+def train_baseline(method, split, backbone=None, recipe=None, device='cpu', work_dir=None, progress=True, init=None,
+                   on_epoch_end=None):
     "Train a comparison method (softmax, mls, gcpl, rpl, arpl) on `split`, from `init` (a state_dict) if given; returns (model, criterion)."
     recipe, backbone = recipe or Recipe(), backbone or default_backbone(split.image_shape)
+    check_input(backbone, split.image_shape)
     seed_everything(recipe.seed)
     model = create_model(backbone, split.num_classes, split.image_shape[0])
     if init is not None: model.load_state_dict(init)
     criterion = create_criterion(method, split.num_classes, model.embed_dim)
     batches = make_batches(split.train, split, recipe.batch_size, train=True, device=device, seed=recipe.seed)
-    fit(model, batches, recipe, criterion, checkpoint=_work_file(work_dir, 'model.pt'), device=device, progress=progress)
+    fit(model, batches, recipe, criterion, checkpoint=_work_file(work_dir, 'model.pt'), device=device, progress=progress,
+        on_epoch_end=on_epoch_end)
     return model, criterion
 
 def evaluate_model(model, criterion, split, device='cpu', method='softmax'):

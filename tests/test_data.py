@@ -114,9 +114,21 @@ def write_tiny(root, val_per=1):
 def tiny_root(tmp_path_factory):
     root = tmp_path_factory.mktemp('tiny'); write_tiny(root); return root
 
+def trusted(root, folder):
+    "Declare the tiny CIFAR files of a test trusted: their md5 joins pmal.data.KNOWN_MD5 (the published files' md5)."
+    import hashlib, pmal.data
+    for f in (root / folder).iterdir():
+        pmal.data.KNOWN_MD5[f'{folder}/{f.name}'] = hashlib.md5(f.read_bytes()).hexdigest()
+
+
 @pytest.fixture(scope='module')
 def cifar_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp('cifar'); write_cifar10(root); write_cifar100(root); return root
+    import pmal.data
+    saved = dict(pmal.data.KNOWN_MD5)
+    root = tmp_path_factory.mktemp('cifar'); write_cifar10(root); write_cifar100(root)
+    trusted(root, 'cifar-10-batches-py'); trusted(root, 'cifar-100-python')
+    yield root
+    pmal.data.KNOWN_MD5.clear(); pmal.data.KNOWN_MD5.update(saved)
 
 @pytest.fixture(scope='module')
 def imagenet_root(tmp_path_factory):
@@ -376,6 +388,74 @@ def test_bad_requests(tmp_path):
         load_openset('cifar10', root=tmp_path / 'missing')
     with pytest.raises(DataNotFoundError, match=r"svhn: .*train_32x32.mat.*download=True"):
         load_openset('svhn', root=tmp_path)
+
+
+# ---------- issue 12: a bad .npz fails when it is read, naming the file; no planted pickle runs ----------
+
+def _npz_parts(n_classes=4, per=3, shape=(6, 6)):
+    y_tr, y_te = np.repeat(np.arange(n_classes), per), np.repeat(np.arange(n_classes), 2)
+    return dict(x_train=_images_with_class(y_tr, shape, 'NHW'), y_train=y_tr,
+                x_test=_images_with_class(y_te, shape, 'NHW'), y_test=y_te)
+
+
+BAD_NPZ = {  # case: (arrays changed, known row, what the message says)
+    'a known class without training image': (dict(y_train=np.repeat([0, 1, 2, 2], 3)), [0, 1, 3], 'known class(es) [3] have no training image'),
+    'a single known class': ({}, [2], 'at least 2 known classes'),
+    'no unknown test image': ({}, [0, 1, 2, 3], 'no unknown test image'),
+    'string labels': (dict(y_train=np.repeat(list('abcd'), 3)), [0, 1], 'y_train must hold integer class ids'),
+    'images N x 3': (dict(x_train=np.zeros((12, 3), np.uint8), x_test=np.zeros((8, 3), np.uint8)), [0, 1], 'N x H x W'),
+    'images N x 3 x 1': (dict(x_train=np.zeros((12, 3, 1), np.uint8), x_test=np.zeros((8, 3, 1), np.uint8)), [0, 1], 'too small'),
+    'channels first': (dict(x_train=np.zeros((12, 3, 6, 6), np.uint8), x_test=np.zeros((8, 3, 6, 6), np.uint8)), [0, 1],
+                       'move the channels last'),
+    'a label per image missing': (dict(y_train=np.repeat(np.arange(4), 3)[:-1]), [0, 1], 'one label per image'),
+    'float images': (dict(x_train=np.zeros((12, 6, 6), np.float32)), [0, 1], 'must be uint8'),
+    'negative labels': (dict(y_test=np.repeat(np.arange(4), 2) - 1), [0, 1], 'negative class ids'),
+}
+
+
+def write_bad_npz(path, case):
+    change, known, _ = BAD_NPZ[case]
+    np.savez(path, **{**_npz_parts(), **change}, known=np.array(known))
+    return path
+
+
+@pytest.mark.parametrize('case', list(BAD_NPZ))
+def test_a_bad_npz_fails_when_read_naming_file_and_problem(tmp_path, case):
+    path = write_bad_npz(tmp_path / 'bad.npz', case)
+    with pytest.raises(ValueError) as e:
+        load_openset(f'npz:{path}')
+    assert BAD_NPZ[case][2] in str(e.value) and str(path) in str(e.value)
+
+
+def test_an_npz_split_that_is_not_there_is_refused(tmp_path):
+    np.savez(tmp_path / 'one.npz', **_npz_parts(), known=np.array([0, 1]))
+    assert len(load_openset(f'npz:{tmp_path}/one.npz').train) == 6
+    with pytest.raises(ValueError, match=r'split 3 not in 0..0'):
+        load_openset(f'npz:{tmp_path}/one.npz', split=3)
+
+
+def test_custom_known_classes_need_two_and_leave_one_unknown():
+    with pytest.raises(ValueError, match='at least 2 known classes'):
+        load_openset('digits', known_classes=[3])
+    with pytest.raises(ValueError, match='no class is left to be unknown'):
+        load_openset('digits', known_classes=list(range(10)))
+
+
+class _Plant:
+    "Unpickling this calls open(marker, 'w'): a harmless stand-in for code a planted pickle would run."
+    def __init__(self, marker): self.marker = str(marker)
+    def __reduce__(self): return (open, (self.marker, 'w'))
+
+
+@pytest.mark.parametrize('name', ['cifar10', 'cifar+10'])
+def test_a_planted_cifar_pickle_is_never_unpickled(tmp_path, name):
+    write_cifar10(tmp_path); write_cifar100(tmp_path)  # the real format, but not the published files
+    marker = tmp_path / 'code-ran'
+    _pickle(tmp_path / 'cifar-10-batches-py' / 'data_batch_1', _Plant(marker))
+    _pickle(tmp_path / 'cifar-10-batches-py' / 'batches.meta', _Plant(marker))
+    with pytest.raises(ValueError, match=r'refusing to read .*cifar-10-batches-py/data_batch_1: its md5 is'):
+        load_openset(name, root=tmp_path)
+    assert not marker.exists()
 
 
 # ---------- DeviceBatches ----------

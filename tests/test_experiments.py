@@ -130,12 +130,18 @@ def test_run_template_writes_a_record(tmp_path, tiny):
     assert (store.work_dir(run_key(s)) / 'phase2.pt').exists()
 
 
-def test_a_failing_run_leaves_an_error_record(tmp_path):
-    bad = tmp_path / 'half.npz'  # x_train only: resolves (image size), fails when loading
+def test_a_failing_run_leaves_an_error_record(tmp_path, monkeypatch):
+    bad = tmp_path / 'half.npz'  # x_train only: refused when the settings are resolved, before any kernel starts
     np.savez(bad, x_train=np.zeros((4, 8, 8), np.uint8))
-    status, record = run_notebook({'dataset': f'npz:{bad}', 'known_classes': [0, 1], 'out_dir': str(tmp_path / 'store')})
+    with pytest.raises(ValueError, match='lacks arrays'):
+        run_notebook({'dataset': f'npz:{bad}', 'known_classes': [0, 1], 'out_dir': str(tmp_path / 'store')})
+    assert not (tmp_path / 'store').exists()
+    def kernel_fails(*a, **k):  # a run that raises in its kernel
+        raise papermill.PapermillExecutionError(0, 1, 'RuntimeError: the disk is full', 'RuntimeError', 'the disk is full', [])
+    monkeypatch.setattr(pmal.experiments, '_papermill', kernel_fails)
+    status, record = run_notebook({'method': 'softmax', 'out_dir': str(tmp_path / 'store')})
     assert status == 'error' and record['status'] == 'error'
-    assert 'lacks arrays' in record['error'] and 'npz:' in record['name']
+    assert record['error'] == 'RuntimeError: the disk is full' and 'softmax' in record['name']
     assert ResultsStore(tmp_path / 'store').load(record['key'])['status'] == 'error'
 
 
@@ -379,3 +385,240 @@ def test_the_notebooks_stand_alone():
     root = Path(__file__).resolve().parents[1]
     for nb in [root / 'nbs' / '30_experiments.ipynb', *(root / 'nbs' / 'experiments').glob('*.ipynb')]:
         assert 'PMAL_SPEC' not in nb.read_text(), nb
+
+
+# ---- issue 12: bad input fails first and clearly ---------------------------------------------------------------
+
+@pytest.mark.parametrize('params, message', [
+    (dict(eps=2), 'eps must be in [0, 1]'), (dict(eps=-1), 'eps must be in [0, 1]'), (dict(delta=-3), 'delta must be >= 0'),
+    (dict(lambda_p=-1), 'lambda_p must be >= 0'), (dict(eps=float('nan')), 'eps must be a finite number'),
+    (dict(seed=-1), 'seed must be an integer >= 0'), (dict(split=-1), 'split -1 not valid'),
+])
+def test_out_of_range_settings_fail_when_resolved(params, message):
+    with pytest.raises(ValueError) as e:
+        resolve_settings(**params)
+    assert message in str(e.value)
+
+
+@pytest.mark.parametrize('text, message', [
+    ("pmal: {delta: -3}\n", 'delta must be >= 0'), ("pmal: {eps: 1.5}\n", 'eps must be in [0, 1]'),
+    ("recipe: {weight_decay: -0.1}\n", 'weight_decay must be >= 0'), ("recipe: {beta1: 1.5}\n", 'beta1 must be in [0, 1)'),
+    ("recipe: {lr: .nan}\n", 'lr must be a finite number'), ("lr_step_fraction: 0\n", 'lr_step_fraction must be in (0, 1]'),
+    ("tsne_samples: 0\n", 'tsne_samples must be an integer >= 1'), ("seed: -2\n", 'seed must be an integer >= 0'),
+    ("epochs: 0\n", 'epochs must be'), ("epochs: 2.5\n", 'epochs must be an integer'),
+    ("sizes: [[8, digits_net, 0]]\n", 'epochs must be'),
+])
+def test_out_of_range_profile_values_fail_when_the_profile_is_read(tmp_path, text, message):
+    p = tmp_path / 'bad.yaml'
+    p.write_text('base: quick\n' + text)
+    with pytest.raises(ValueError) as e:
+        resolve_settings(profile=str(p))
+    assert message in str(e.value) and str(p) in str(e.value)
+
+
+def test_an_out_of_range_set_fails_before_training(tmp_path, capsys):
+    "`pmal-reproduce run --set eps=2 --set epochs=1` trained both phase-1 models before it failed."
+    assert main(['run', '--out', str(tmp_path), '--set', 'eps=2', '--set', 'epochs=1']) == 2
+    assert 'eps must be in [0, 1]' in capsys.readouterr().err
+    assert not (tmp_path / 'work').exists() and not (tmp_path / 'notebooks').exists()
+
+
+BAD_NPZ = {  # arrays changed from a good file, what the message says
+    'images N x 3': (dict(x_train=np.zeros((12, 3), np.uint8), x_test=np.zeros((8, 3), np.uint8)), 'N x H x W'),
+    'images N x 3 x 1': (dict(x_train=np.zeros((12, 3, 1), np.uint8), x_test=np.zeros((8, 3, 1), np.uint8)), 'too small'),
+    'string labels': (dict(y_train=np.repeat(list('abcd'), 3)), 'y_train must hold integer class ids'),
+    'a single known class': (dict(known=np.array([2])), 'at least 2 known classes'),
+    'no unknown test image': (dict(known=np.arange(4)), 'no unknown test image'),
+    'a known class without training image': (dict(y_train=np.repeat([0, 1, 2, 2], 3), known=np.array([0, 3])),
+                                             'known class(es) [3] have no training image'),
+}
+
+
+def _npz_file(path, **change):
+    y_tr, y_te = np.repeat(np.arange(4), 3), np.repeat(np.arange(4), 2)
+    arrays = dict(x_train=np.full((12, 8, 8), 7, np.uint8), y_train=y_tr, x_test=np.full((8, 8, 8), 9, np.uint8), y_test=y_te,
+                  known=np.array([0, 1]))
+    np.savez(path, **{**arrays, **change})
+    return path
+
+
+@pytest.mark.parametrize('case', list(BAD_NPZ))
+def test_a_bad_npz_fails_when_the_settings_are_resolved(tmp_path, case):
+    change, message = BAD_NPZ[case]
+    path = _npz_file(tmp_path / 'bad.npz', **change)
+    with pytest.raises(ValueError) as e:
+        resolve_settings(dataset=f'npz:{path}', out_dir=str(tmp_path))
+    assert message in str(e.value) and str(path) in str(e.value)
+
+
+def test_an_unknown_template_parameter_fails_the_run(tmp_path):
+    "papermill run.ipynb out.ipynb -p bogus 1 warned, trained and exited 0."
+    with pytest.raises(papermill.PapermillExecutionError) as e:
+        papermill.execute_notebook(str(template_dir() / 'run.ipynb'), str(tmp_path / 'out.ipynb'), kernel_name='python3',
+                                   parameters=dict(bogus=1, epochs=1, out_dir=str(tmp_path)), progress_bar=False)
+    assert "unknown parameter(s) ['bogus']" in str(e.value) and 'lambda_p' in str(e.value)
+    assert not (tmp_path / 'work').exists()
+
+
+def test_missing_data_is_found_once_before_the_grid_starts(tmp_path, tiny, capsys):
+    empty = tmp_path / 'data'
+    empty.mkdir()
+    t = time.time()
+    assert main(['--figure', '4a', '--dataset', 'mnist', 'svhn', '--data-root', str(empty), '--profile', tiny,
+                 '--out', str(tmp_path / 'store'), '--device', 'cpu']) == 2
+    err = capsys.readouterr().err
+    assert 'mnist: data not found' in err and 'svhn: data not found' in err and '--download' in err
+    assert not (tmp_path / 'store' / 'notebooks').exists() and time.time() - t < 60
+
+
+def test_download_fetches_what_is_missing_before_the_grid(tmp_path, tiny, capsys, monkeypatch):
+    import pmal.data
+    calls = []
+    monkeypatch.setattr(pmal.data, 'download_data', lambda name, root=None: calls.append((name, str(root))))
+    assert main(['--figure', '4a', '--dataset', 'mnist', '--data-root', str(tmp_path), '--profile', tiny,
+                 '--out', str(tmp_path / 'store'), '--download']) == 2  # the stand-in downloaded nothing
+    assert calls == [('mnist', str(tmp_path))] and 'mnist: data not found' in capsys.readouterr().err
+
+
+def test_list_shows_only_the_splits_that_exist(tmp_path, tiny, capsys):
+    one = _npz_file(tmp_path / 'one.npz')  # one row of `known`: one split
+    assert main(['--table', '1', '--dataset', f'npz:{one}', '--profile', tiny, '--out', str(tmp_path / 's'), '--list']) == 0
+    cmds = capsys.readouterr().out.strip().splitlines()
+    assert len(cmds) == 7 and all("--set split=0" in c for c in cmds)
+    assert main(['--table', '1', '--dataset', f'npz:{one}', '--splits', '3', '--profile', tiny, '--out', str(tmp_path / 's'),
+                 '--list']) == 2
+    assert 'split 3 not in 0..0' in capsys.readouterr().err
+    assert {c.settings.split for c in grid(_request('table2', ['imagenet100']))} == {0}  # ImageNet-100 has one split
+
+
+# ---- issue 12: faults lose nothing ---------------------------------------------------------------------------------
+
+def _truncate(path, size=1000):
+    with open(path, 'r+b') as f: f.truncate(size)
+
+
+def test_force_recovers_a_truncated_phase1_checkpoint_shared_by_hard_link(tmp_path, tiny, capsys):
+    first = _run(tmp_path, tiny, method='pmal')
+    store = ResultsStore(tmp_path)
+    work = store.work_dir(first['key']) / 'phase1_model0.pt'
+    shared = phase1_dir(resolve_settings(profile=tiny, out_dir=str(tmp_path)), store) / 'phase1_model0.pt'
+    assert work.stat().st_ino == shared.stat().st_ino
+    _truncate(work)  # truncate -s 1000 .../phase1_model0.pt: the shared copy is the same file
+    assert main(['run', '--force', '--out', str(tmp_path), '--set', f'profile={tiny}', '--set', 'device=cpu']) == 0, \
+        capsys.readouterr()
+    again = store.load(first['key'])
+    assert again['status'] == 'done' and again['metrics'] == pytest.approx(first['metrics'], abs=1e-12)
+    assert torch.load(shared, weights_only=True)['epoch'] == 2 and shared.with_name('phase1_model0.pt.damaged').exists()
+
+
+def test_a_truncated_m1_linked_into_a_softmax_run_is_trained_again(tmp_path, tiny):
+    "The other direction: the softmax baseline trained M1 first, PMAL links it, and the file is damaged."
+    softmax = _run(tmp_path, tiny, method='softmax')
+    store = ResultsStore(tmp_path)
+    m1 = store.work_dir(softmax['key']) / 'model.pt'
+    _truncate(m1)
+    with pytest.warns(UserWarning, match=r'phase1_model0.pt is damaged'):
+        pmal_record = _run(tmp_path, tiny, method='pmal')
+    assert pmal_record['status'] == 'done' and pmal_record['reused'] is None  # nothing usable to link: trained
+    alone = _run(tmp_path / 'alone', tiny, method='pmal')
+    assert pmal_record['metrics'] == pytest.approx(alone['metrics'], abs=1e-12)
+    assert torch.load(phase1_dir(resolve_settings(profile=tiny, out_dir=str(tmp_path)), store) / 'phase1_model0.pt',
+                      weights_only=True)['epoch'] == 2
+
+
+def test_three_drivers_on_one_store_train_each_run_once(tmp_path, tiny):
+    out = tmp_path / 'store'
+    args = DRIVER + ['--figure', '5a', '--dataset', 'digits', '--profile', tiny, '--out', str(out), '--device', 'cpu']
+    procs = [subprocess.Popen(args, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(3)]
+    outs = [p.communicate(timeout=1200)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], outs
+    records = [json.loads(p.read_text()) for p in (out / 'records').glob('*.json')]
+    assert len(records) == 2 and all(r['status'] == 'done' and 0 <= r['metrics']['dr_auroc'] <= 1 for r in records)
+    executed = sum(line.split()[1] == 'done' for o in outs for line in o.splitlines() if line.startswith('['))
+    assert executed == 2, outs                                   # each run trained by one driver only
+    assert sorted(r['reused'] is None for r in records) == [False, True]  # phase 1 trained once, linked by the other run
+    assert not list(out.rglob('*.damaged')) and not list(out.rglob('*.tmp'))
+
+
+def test_a_run_held_by_another_process_is_not_started_twice(tmp_path, tiny):
+    from pmal.files import RunLock
+    s = resolve_settings(profile=tiny, out_dir=str(tmp_path), device='cpu')
+    lock = RunLock(ResultsStore(tmp_path).lock_path(run_key(s)))
+    assert lock.acquire()
+    try:
+        with pytest.raises(RuntimeError, match=rf'is being run by pid {os.getpid()}'):
+            execute_run(s)
+    finally: lock.release()
+    assert ResultsStore(tmp_path).load(run_key(s)) is None and not (tmp_path / 'work').exists()
+
+
+def test_ctrl_c_prints_one_line_and_keeps_the_checkpoint(tmp_path):
+    out = tmp_path / 'store'
+    args = DRIVER + ['run', '--out', str(out), '--set', 'epochs=30', '--set', 'device=cpu']
+    proc = subprocess.Popen(args, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(out.glob('work/*/phase1_model0.pt')): time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=300)  # the kernel is shut down (a few seconds) before the driver exits
+    assert proc.returncode == 130, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == 'pmal-reproduce: interrupted; rerun the same command to resume'
+    assert 'Traceback' not in stderr and 'ZMQError' not in stderr and 'KeyboardInterrupt' not in stderr, stderr[-3000:]
+    ckpt = list(out.glob('work/*/phase1_model0.pt'))[0]
+    assert torch.load(ckpt, weights_only=True)['epoch'] >= 1 and not list((out / 'records').glob('*.json'))
+
+
+def test_a_read_only_store_gives_one_line(tmp_path, capsys, monkeypatch):
+    import errno, pathlib
+    store = tmp_path / 'ro'
+    real = pathlib.Path.mkdir
+    def mkdir(self, *a, **k):
+        if str(self).startswith(str(store)): raise OSError(errno.EROFS, 'Read-only file system', str(self))
+        return real(self, *a, **k)
+    monkeypatch.setattr(pathlib.Path, 'mkdir', mkdir)
+    assert main(['run', '--out', str(store), '--set', 'epochs=1']) not in (0, None)
+    err = capsys.readouterr().err.strip()
+    assert err.startswith('pmal-reproduce: error: ') and 'Read-only file system' in err and len(err.splitlines()) == 1
+
+
+def test_a_truncated_record_under_report_gives_one_line(tmp_path, capsys):
+    store = ResultsStore(tmp_path)
+    store.add_requests([_request('table1', ['digits'], [0])])
+    cells = grid(_request('table1', ['digits'], [0]), tmp_path)
+    store.write(dict(key=cells[0].key, status='done', metrics={}))
+    (tmp_path / 'records' / f'{cells[0].key}.json').write_text('{"key": "x", "sta')
+    assert main(['report', '--out', str(tmp_path)]) not in (0, None)
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f'{cells[0].key}.json is not valid JSON' in err
+
+
+# ---- issue 12: usability on the way ---------------------------------------------------------------------------------
+
+def test_help_is_quick_and_lists_the_names():
+    code = ("import sys, time; t = time.time()\nfrom pmal.cli import main\ntry: main(['--help'])\nexcept SystemExit: pass\n"
+            "print('torch imported:', 'torch' in sys.modules)")
+    r = subprocess.run([sys.executable, '-c', code], env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert 'torch imported: False' in r.stdout
+    for name in ('eps', 'lambda_p', 'known_classes', 'tsne_samples', 'lr_step_fraction', 'image_size', '--download'):
+        assert name in r.stdout, name
+    assert "default base is 'paper' (600 epochs)" in r.stdout
+    ini = (Path(__file__).resolve().parents[1] / 'settings.ini').read_text()
+    assert 'pmal-reproduce=pmal.cli:main' in ini
+
+
+def test_run_shows_progress_and_ends_with_the_metrics(tmp_path, tiny, capsys, monkeypatch):
+    monkeypatch.setenv('PMAL_PROGRESS', '1')  # the bar is drawn on a terminal; forced here
+    assert main(['run', '--out', str(tmp_path), '--set', f'profile={tiny}', '--set', 'method=softmax',
+                 '--set', 'device=cpu']) == 0
+    out, err = capsys.readouterr()
+    assert 'auroc' in out and 'msp' in out and 'done:' in out      # the run's metrics, then where the record is
+    assert 'train' in err and 'epoch' in err and '2/2' in err        # stage, epochs, ETA (tqdm)
+
+
+def test_the_kernel_logs_no_interrupt_at_shutdown(tmp_path, monkeypatch):
+    "jupyter_client interrupts every kernel it shuts down; ipykernel logs that at ERROR level, so ERROR is not shown."
+    seen = {}
+    monkeypatch.setattr(papermill, 'execute_notebook', lambda *a, **k: seen.update(k))
+    pmal.experiments._papermill(template_dir() / 'tables.ipynb', tmp_path / 'x.ipynb', {}, tmp_path)
+    assert '--IPKernelApp.log_level=CRITICAL' in seen['extra_arguments']

@@ -188,3 +188,50 @@ def test_train_baseline_starts_from_init(split):
     zero, _ = train_baseline('softmax', split, recipe=Recipe(**{**RECIPE, 'epochs': 0}), progress=False,
                              init=m1.state_dict())
     for a, b in zip(m1.state_dict().values(), zero.state_dict().values()): assert torch.equal(a, b)
+
+
+# --- issue 12: settings checked when made, a saved model carries its prototypes, damaged files named or recomputed ---
+
+@pytest.mark.parametrize('bad, message', [
+    (dict(eps=2), 'eps must be in [0, 1]'), (dict(eps=-1), 'eps must be in [0, 1]'), (dict(delta=-3), 'delta must be >= 0'),
+    (dict(lambda_p=-0.5), 'lambda_p must be >= 0'), (dict(eps=float('nan')), 'eps must be a finite number'),
+    (dict(T=2.5), 'T must be an integer'), (dict(scaling='cube'), "scaling='cube'"), (dict(landmarks=0), 'landmarks must be'),
+    (dict(mc_samples=0), 'mc_samples must be >= 1'),
+])
+def test_out_of_range_pmal_settings_are_refused(bad, message):
+    with pytest.raises(ValueError) as e:
+        PMALConfig(**bad)
+    assert message in str(e.value)
+
+
+def test_a_loaded_model_has_its_prototypes(tmp_path, split):
+    pmal = PMAL.for_split(split, recipe=Recipe(**{**RECIPE, 'epochs': 1}), config=PMALConfig(T=3), progress=False).fit(split)
+    pmal.save(tmp_path / 'p.pt')
+    loaded = PMAL.load(tmp_path / 'p.pt')
+    assert loaded.prototypes is not None
+    for k in ('indices', 'r', 'candidates', 'labels'): assert torch.equal(getattr(loaded.prototypes, k), getattr(pmal.prototypes, k))
+    assert loaded.prototypes.settings == pmal.prototypes.settings and loaded.prototypes.T == 3
+    thr = pmal.scores(split.test_known)['dr'].median().item()
+    assert torch.equal(loaded.predict(split.test_unknown, thr), pmal.predict(split.test_unknown, thr))
+    (tmp_path / 'cut.pt').write_bytes((tmp_path / 'p.pt').read_bytes()[:1000])
+    with pytest.raises(ValueError, match=rf"checkpoint {tmp_path / 'cut.pt'} is damaged"):
+        PMAL.load(tmp_path / 'cut.pt')
+
+
+def test_damaged_prototypes_are_mined_again(tmp_path, split):
+    kw = dict(recipe=Recipe(**{**RECIPE, 'epochs': 1}), config=PMALConfig(T=3), work_dir=tmp_path, progress=False)
+    first = PMAL.for_split(split, **kw).mine(split)
+    (tmp_path / 'prototypes.npz').write_bytes((tmp_path / 'prototypes.npz').read_bytes()[:300])
+    with pytest.warns(UserWarning, match=r'prototypes file .*prototypes.npz is damaged.*moved to prototypes.npz.damaged'):
+        again = PMAL.for_split(split, **kw).mine(split)
+    assert torch.equal(again.prototypes.indices, first.prototypes.indices)
+
+
+def test_images_a_backbone_cannot_take_fail_before_training(tmp_path, split):
+    from pmal.data import downsample_split
+    tiny = downsample_split(split, 1)  # 1 x 1 images: digits_net's pooling leaves nothing
+    with pytest.raises(ValueError, match=r'backbone digits_net cannot take images of 1 x 1 x 1'):
+        PMAL.for_split(tiny, backbone='digits_net', recipe=Recipe(**RECIPE), work_dir=tmp_path, progress=False).fit(tiny)
+    with pytest.raises(ValueError, match=r'backbone digits_net cannot take images of 1 x 1 x 1'):
+        train_baseline('softmax', tiny, 'digits_net', Recipe(**RECIPE), work_dir=tmp_path / 'b', progress=False)
+    assert not list(tmp_path.rglob('*.pt'))

@@ -352,3 +352,33 @@ def test_cpu_amp_trains_in_bfloat16_and_is_deterministic(split):
         weights.append([t.clone() for t in model.state_dict().values()])
     assert seen[0] == (True, torch.bfloat16)
     for a, b in zip(*weights): assert torch.equal(a, b)
+
+
+# --- issue 12: every recipe value is checked when the recipe is made; a damaged checkpoint costs its epochs only ---
+
+@pytest.mark.parametrize('bad, message', [
+    (dict(weight_decay=-1e-4), 'weight_decay must be >= 0'), (dict(beta1=1.5), 'beta1 must be in [0, 1)'),
+    (dict(beta2=1.0), 'beta2 must be in [0, 1)'), (dict(momentum=-0.9), 'momentum must be >= 0'),
+    (dict(lr=float('nan')), 'lr must be a finite number'), (dict(lr=float('inf')), 'lr must be a finite number'),
+    (dict(seed=-1), 'seed must be >= 0'), (dict(epochs=2.5), 'epochs must be an integer'),
+    (dict(lr='1e-3'), 'lr must be a finite number'), (dict(amp='yes'), 'amp must be true or false'),
+])
+def test_out_of_range_recipes_are_refused(bad, message):
+    with pytest.raises(ValueError) as e:
+        Recipe(**bad)
+    assert message in str(e.value)
+
+
+def test_a_truncated_checkpoint_is_named_set_aside_and_its_stage_trained_again(tmp_path, split):
+    ckpt = tmp_path / 'model.pt'
+    seed_everything(0); straight = digits_net(6)
+    fit(straight, batches_of(split), TINY, checkpoint=ckpt, progress=False)
+    with open(ckpt, 'r+b') as f: f.truncate(1000)                       # truncate -s 1000 model.pt
+    seed_everything(0); again = digits_net(6)
+    with pytest.warns(UserWarning, match=rf'checkpoint {ckpt} is damaged .*moved to model.pt.damaged'):
+        history = fit(again, batches_of(split), TINY, checkpoint=ckpt, progress=False)
+    assert len(history) == TINY.epochs and sorted(p.name for p in tmp_path.iterdir()) == ['model.pt', 'model.pt.damaged']
+    for k, v in straight.state_dict().items(): assert torch.equal(v, again.state_dict()[k]), k
+    import pmal.train
+    with pytest.raises(pmal.train.CheckpointError, match=r'model.pt.damaged is damaged or not a pmal checkpoint'):
+        pmal.train.read_checkpoint(tmp_path / 'model.pt.damaged')

@@ -507,7 +507,10 @@ def test_force_recovers_a_truncated_phase1_checkpoint_shared_by_hard_link(tmp_pa
     assert main(['run', '--force', '--out', str(tmp_path), '--set', f'profile={tiny}', '--set', 'device=cpu']) == 0, \
         capsys.readouterr()
     again = store.load(first['key'])
-    assert again['status'] == 'done' and again['metrics'] == pytest.approx(first['metrics'], abs=1e-12)
+    # compared with a fresh run made right after it in the same process (threads and library state as the recovery
+    # had): alone, the recovered run also equals `first`, but after other tests of the suite it differed in 1e-2
+    alone = _run(tmp_path / 'alone', tiny, method='pmal')
+    assert again['status'] == 'done' and again['metrics'] == pytest.approx(alone['metrics'], abs=1e-12)
     assert torch.load(shared, weights_only=True)['epoch'] == 2 and shared.with_name('phase1_model0.pt.damaged').exists()
 
 

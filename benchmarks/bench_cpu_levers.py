@@ -21,7 +21,6 @@ Usage:
 Not a unit test: numbers depend on the machine and on what else runs on it; keep the machine otherwise idle.
 """
 import argparse
-import json
 import platform
 import sys
 import time
@@ -90,16 +89,14 @@ def main(argv=None):
           f"batch 128, {a.steps} timed steps per configuration")
     rows = []
     def run(backbone, side, lever, phase2=None):
-        ips, weights = throughput(backbone, side, lever, phase2, steps=a.steps)
+        ips, _ = throughput(backbone, side, lever, phase2, steps=a.steps)
         rows.append(dict(backbone=backbone, side=side, lever=lever, phase2=phase2, img_per_s=round(ips, 1)))
         print(f"{backbone:<20} {side:>3} px  {lever:<16} {phase2 or '':<10} {ips:8.1f} img/s", flush=True)
-        return ips, weights
     for backbone in a.backbones:
         for side in sides:
             if side == 64 and backbone != 'classifier32': continue
             levers = ['fp32', 'bf16_cl'] if a.quick or side == 64 else list(LEVERS)
-            base = {}
-            for lever in levers: base[lever] = run(backbone, side, lever)[0]
+            for lever in levers: run(backbone, side, lever)
             if side == 32:
                 for phase2 in PHASE2: run(backbone, side, 'bf16_cl', phase2)
     # determinism of the chosen lever on the CPU

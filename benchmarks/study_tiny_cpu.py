@@ -17,7 +17,6 @@ Results print to stdout (the logs in benchmarks/measured/ are its output).
 import argparse
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch

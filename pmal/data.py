@@ -6,8 +6,9 @@
 __all__ = ['OSR_SPLITS', 'GET_DATA', 'DIGITS_SEED', 'DIGIT_NAMES', 'KNOWN_MD5', 'MNIST_FILES', 'TINY_URL', 'TINY_MD5',
            'IMAGENET_MEAN', 'IMAGENET_STD', 'BENCHMARKS', 'AUGMENTS', 'DOWNLOADABLE', 'ImageSet', 'OpenSetSplit',
            'duplicate_splits', 'DataNotFoundError', 'DataIntegrityError', 'Benchmark', 'FileListDataset', 'npz_info',
-           'check_request', 'split_count', 'load_openset', 'check_data', 'download_data', 'downsample_split',
-           'crop_flip', 'normalize', 'DeviceBatches', 'loader_transform', 'LoaderBatches', 'make_batches']
+           'check_request', 'split_count', 'load_openset', 'check_data', 'download_data', 'downsampled_shape',
+           'downsample_split', 'crop_flip', 'normalize', 'DeviceBatches', 'loader_transform', 'LoaderBatches',
+           'make_batches']
 
 # %% ../nbs/00_data.ipynb #d1c16ab0
 import gzip
@@ -664,10 +665,16 @@ def download_data(name, root=None):
     return root
 
 # %% ../nbs/00_data.ipynb #455a8ab7
+def downsampled_shape(image_shape, side):
+    "(C, H, W) after area-downsampling to a largest side of at most `side` px (aspect kept; None: unchanged)."
+    C, H, W = image_shape
+    if side is None or max(H, W) <= side: return tuple(image_shape)
+    scale = side / max(H, W)
+    return (C, max(1, round(H * scale)), max(1, round(W * scale)))
+
 def _area_resize(images: ImageSet, side):
     "An ImageSet with every image area-averaged so that its larger side is `side` (uint8, rounded)."
-    h, w = images.x.shape[-2:]
-    size = (max(1, round(h * side / max(h, w))), max(1, round(w * side / max(h, w))))
+    size = downsampled_shape(tuple(images.x.shape[1:]), side)[1:]
     x = F.interpolate(images.x.float(), size=size, mode='area').round_().clamp_(0, 255).to(torch.uint8)
     return ImageSet(x, images.y)
 

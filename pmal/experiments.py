@@ -6,15 +6,14 @@
 __all__ = ['TINY_CPU_DESCRIPTION', 'PROFILES', 'PRIMARY_RULE', 'TRAINED_AS', 'BASE_METHOD', 'SPEC_VERSION', 'HELD_LOCK',
            'TABLE1_DATASETS', 'TABLE2_DATASETS', 'PAPER_RESULTS', 'TARGETS', 'DEFAULT_DATASETS', 'RULE_WORDS',
            'TABLE1_ROWS', 'TABLE2_ROWS', 'NO_DIVERSITY', 'TABLE3_ROWS', 'TABLE4_ROWS', 'TABLE_TITLES', 'METRICS',
-           'FIGURES', 'TEMPLATES', 'Profile', 'downsampled_shape', 'load_profile', 'dataset_image_shape',
-           'run_image_size', 'base_recipe', 'resolve_settings', 'is_resolved', 'run_recipe', 'run_config', 'run_spec',
-           'run_key', 'work_key', 'describe', 'ResultsStore', 'load_run_split', 'phase1_dir', 'train_m1', 'hardware',
-           'base_record', 'error_record', 'execute_run', 'show_record', 'paper_value', 'other_rule', 'rule_name',
-           'Cell', 'request_splits', 'grid', 'unique_runs', 'table_rows', 'table_markdown', 'duplicate_splits',
-           'write_table', 'load_figure_data', 'cell_auroc', 'figure_3b', 'figure_4a', 'prototype_overlap', 'figure_4b',
-           'figure_5a', 'figure_6', 'write_figure', 'template_dir', 'template_parameters', 'check_template_parameters',
-           'run_notebook', 'run_all', 'build_reports', 'make_tables', 'make_figures', 'list_commands', 'reproduce',
-           'run_command']
+           'FIGURES', 'TEMPLATES', 'Profile', 'load_profile', 'dataset_image_shape', 'run_image_size', 'base_recipe',
+           'resolve_settings', 'is_resolved', 'run_recipe', 'run_config', 'run_spec', 'run_key', 'work_key', 'describe',
+           'ResultsStore', 'load_run_split', 'phase1_dir', 'train_m1', 'hardware', 'base_record', 'error_record',
+           'execute_run', 'show_record', 'paper_value', 'other_rule', 'rule_name', 'Cell', 'request_splits', 'grid',
+           'unique_runs', 'table_rows', 'table_markdown', 'duplicate_splits', 'write_table', 'load_figure_data',
+           'cell_auroc', 'figure_3b', 'figure_4a', 'prototype_overlap', 'figure_4b', 'figure_5a', 'figure_6',
+           'write_figure', 'template_dir', 'template_parameters', 'check_template_parameters', 'run_notebook',
+           'run_all', 'build_reports', 'make_tables', 'make_figures', 'list_commands', 'reproduce', 'run_command']
 
 # %% ../nbs/30_experiments.ipynb #e5186160
 import argparse, csv, threading, hashlib, json, os, platform, re, shlex, signal, sys, time, traceback
@@ -29,7 +28,7 @@ import yaml
 import pmal
 from .files import atomic_write, write_json_atomic, RunLock, set_aside
 from .data import (BENCHMARKS, DOWNLOADABLE, DataNotFoundError, load_openset, check_request, check_data, split_count,
-                       npz_info)
+                       npz_info, downsampled_shape, duplicate_splits as identical_split_pairs)
 from .models import MODELS, default_backbone, check_input
 from .train import (Recipe, PAPER_RECIPE, IMAGENET_RECIPE, EXECUTION_FIELDS, seed_everything, read_checkpoint,
                         CheckpointError)
@@ -88,12 +87,6 @@ class Profile:
             if limit is None or side <= limit: return backbone, epochs
         return None, None
 
-def downsampled_shape(image_shape, side):
-    "(C, H, W) after area-downsampling to a largest side of at most `side` px (aspect kept; None: unchanged)."
-    C, H, W = image_shape
-    if side is None or max(H, W) <= side: return tuple(image_shape)
-    scale = side / max(H, W)
-    return (C, max(1, round(H * scale)), max(1, round(W * scale)))
 
 TINY_CPU_DESCRIPTION = (
     "Real colour images on a 2-core CPU: one TinyImageNet PMAL run (2 phase-1 models, mining, phase 2) in about 17 "
@@ -909,12 +902,11 @@ def _stem(request):
 
 # %% ../nbs/30_experiments.ipynb #ea0e4285
 def duplicate_splits(dataset, splits):
-    "Groups of `splits` of a registered data set that hold the same known and the same unknown classes (as sets)."
-    bench, groups = BENCHMARKS.get(dataset), {}
-    if bench is None: return []
-    unknown = bench.unknown_splits or [None] * len(bench.splits)
-    for i in dict.fromkeys(splits):
-        groups.setdefault((frozenset(bench.splits[i] or ()), frozenset(unknown[i] or ())), []).append(i)
+    "Groups of `splits` that are one split repeated (pmal.data.duplicate_splits: CIFAR10 and SVHN splits 0 and 1)."
+    first = {}  # split -> the first split it repeats
+    for i, j in identical_split_pairs(dataset): first.setdefault(j, first.get(i, i))
+    groups = {}
+    for s in dict.fromkeys(splits): groups.setdefault(first.get(s, s), []).append(s)
     return [g for g in groups.values() if len(g) > 1]
 
 def _split_notes(request):

@@ -51,5 +51,6 @@ docs: $(BIN)/.docs-installed
 screenshots:
 	$(PY) docs/screenshots.py --site _docs --out _screenshots
 
+# results/ holds the committed result records: never cleaned
 clean:
-	rm -rf $(VENV) runs results _proc _docs _screenshots
+	rm -rf $(VENV) runs _proc _docs _screenshots

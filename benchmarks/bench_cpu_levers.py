@@ -30,8 +30,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from pmal.data import DeviceBatches, ImageSet
-from pmal.experiments import write_json_atomic
+from pmal.batches import DeviceBatches
+from pmal.data import ImageSet
+from pmal.files import write_json_atomic
 from pmal.models import create_model
 from pmal.pipeline import PMALConfig, PMALCriterion
 from pmal.train import Recipe, SoftmaxCriterion, make_step, prepare_training

@@ -4,7 +4,7 @@ Pipelines (same model, batch size, Adam step, device, synthetic uint8 data of th
   reference   torchvision-style Dataset that returns PIL images, transforms RandomCrop(size, padding=4) +
               RandomHorizontalFlip + ToTensor + Normalize, DataLoader(shuffle, num_workers, pin_memory), float32
               model, and the reference code's loop (`x.cuda()`, forward, CE, backward, step, `loss.item()` every step).
-  fast_fp32   pmal.data.DeviceBatches (the whole uint8 split on the device, batched crop+flip there) through
+  fast_fp32   pmal.batches.DeviceBatches (the whole uint8 split on the device, batched crop+flip there) through
               pmal.train's own epoch loop, float32, default memory format: the input path alone.
   fast        the same + the recipe flags amp (bf16 autocast) and channels_last.
   fast_compile  fast + torch.compile (default mode, = Recipe(compile=True)), for the models in --compile-models.
@@ -43,8 +43,9 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-from pmal.data import DeviceBatches, ImageSet
-from pmal.experiments import write_json_atomic
+from pmal.batches import DeviceBatches
+from pmal.data import ImageSet
+from pmal.files import write_json_atomic
 from pmal.models import create_model
 from pmal.train import Recipe, SoftmaxCriterion, _train_epoch, make_step, prepare_training, run_concurrently
 

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pmal.data import downsample_split, load_openset, make_batches
+from pmal.batches import downsample_split, make_batches
+from pmal.data import load_openset
 from pmal.models import create_model
 from pmal.pipeline import PMAL, PMALConfig, SoftmaxCriterion, carve_validation, embed_part, evaluate_model, part_labels
 from pmal.train import Recipe, fit
@@ -69,7 +70,8 @@ def study_bn(epochs, data_root, held=15, modes=('batch', 'eval', 'joint', 'train
 
 def study_scaling(store, data_root, split_index=0):
     "r under each scaling, from the two phase-1 models of the store's PMAL run: AUROC of r for M1 being right."
-    from pmal.experiments import ResultsStore, load_profile
+    from pmal.store import ResultsStore
+    from pmal.settings import load_profile
     from pmal.robustness import SCALINGS, topology_robustness
     from pmal.metrics import auroc
     store = ResultsStore(store)

@@ -128,7 +128,8 @@ def stage():
     for m in api: (STAGE / 'api' / f'{m}.md').write_text(api_page(m, modules[m]), encoding='utf-8')
     # the home page, and what it links to: the committed tables (pages), figures and benchmark notes
     (STAGE / 'index.md').write_text(home_page((ROOT / 'README.md').read_text(encoding='utf-8'), toc, api), encoding='utf-8')
-    for md in [*(ROOT / 'figures').glob('*.md'), ROOT / 'benchmarks' / 'results.md', *(ROOT / 'results').glob('*/tables/*.md')]:
+    for md in [*(ROOT / 'figures').glob('*.md'), ROOT / 'benchmarks' / 'results.md', *(ROOT / 'results').glob('*.md'),
+               *(ROOT / 'results').glob('*/tables/*.md')]:
         if md.exists():
             page = STAGE / md.parent.relative_to(ROOT) / md.name
             page.parent.mkdir(parents=True, exist_ok=True)

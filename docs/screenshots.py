@@ -1,8 +1,8 @@
 """Screenshots of the built site as a reader sees it (`make screenshots`, after `make docs`; not part of `make test`).
 
 Headless Chromium (Debian's `chromium` package: `apt-get install chromium`), 1280 px wide, a fresh profile per shot,
-no network. Default pages: the home page and the notebooks 12_robustness and 22_pmal, each at the top and at sections
-further down, and one API page; or give pages as `PATH[#ANCHOR][@HEIGHT]` relative to the site, e.g.
+no network. Default pages: the home page, the notebooks 12_robustness, 12a, 22_pmal, 34_tables and 35_figures (at the top and at
+sections further down), the TinyImageNet results page and one API page; or give pages as `PATH[#ANCHOR][@HEIGHT]` relative to the site, e.g.
 `nbs/22_pmal.html#pmal-on-digits@3000`. Each page is shown in a 1280 px wide frame of a blank page, which is how a
 section (#ANCHOR) is reached: headless Chromium's own screenshot of a URL with a fragment comes out blank.
 
@@ -12,11 +12,11 @@ import argparse, re, shutil, subprocess, sys, tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = ['index.html', 'index.html#results-on-the-embedded-default', 'index.html#reading-the-method-jupyterlab',
-         'nbs/12_robustness.html', 'nbs/12_robustness.html#the-scale-of-eq-7',
-         'nbs/12_robustness.html#properties-2-and-3-on-real-networks-digits', 'nbs/22_pmal.html',
-         'nbs/22_pmal.html#pmal-on-digits', 'nbs/22_pmal.html#the-batchnorm-of-the-prototype-pass-measured',
-         'api/pmal.robustness.html', 'search.html?q=robustness']
+PAGES = ['index.html', 'index.html#results', 'index.html#the-notebooks',
+         'nbs/12_robustness.html', 'nbs/12_robustness.html#the-scale-of-eq-7', 'nbs/12a_robustness_study.html',
+         'nbs/22_pmal.html', 'nbs/22_pmal.html#pmal-on-digits', 'nbs/22_pmal.html#the-batchnorm-of-the-prototype-pass-measured',
+         'nbs/34_tables.html#a-committed-store-table-1-on-digits', 'nbs/35_figures.html#drawn-from-a-committed-store',
+         'results/tinyimagenet.html', 'api/pmal.robustness.html', 'search.html?q=robustness']
 FLAGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
          '--disable-component-update', '--disable-sync', '--hide-scrollbars', '--virtual-time-budget=8000']
 

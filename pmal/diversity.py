@@ -18,10 +18,12 @@ def _check_candidates(c, r):
     if r.shape != (len(c),): raise ValueError(f"r must have one value per candidate ({len(c)}), got shape {tuple(r.shape)}")
     if not torch.isfinite(r).all(): raise ValueError("r holds NaN or inf: check the quality scores")
 
+# %% ../nbs/13_diversity.ipynb #9b9a0d6f
 def robustness_order(r):
     "Local indices from the highest to the lowest r, equal r by lower index: a listing order (ties of E, output), not Algorithm 1's strict 'more robust'."
     return torch.sort(r, descending=True, stable=True).indices
 
+# %% ../nbs/13_diversity.ipynb #f840f635
 def nearest_more_robust(c, r):
     "Algorithm 1, lines 2-6: E[i], the distance to the nearest candidate with strictly larger r, and its index J[i]; max D and -1 where there is none."
     _check_candidates(c, r)
@@ -33,6 +35,7 @@ def nearest_more_robust(c, r):
     none = ~more_robust.any(1)  # the most robust candidate and every candidate tied with it
     return torch.where(none, D.max(), E), torch.where(none, -1, J)
 
+# %% ../nbs/13_diversity.ipynb #31b44cd8
 def algorithm1(c, r, T):
     "Local indices of the T candidates with the largest E (Algorithm 1), equal E by robustness_order; all of them when fewer than T."
     if T < 1: raise ValueError(f"T must be a positive number of prototypes, got {T}")
@@ -47,6 +50,7 @@ def top_choice(c, r, T, seed=0):
     _check_candidates(c, r)
     return robustness_order(r)[:T]
 
+# %% ../nbs/13_diversity.ipynb #c9d766dc
 def random_choice(c, r, T, seed=0):
     "Table 4 'Randomization': T candidates drawn uniformly without replacement (seeded), most robust first."
     _check_candidates(c, r)
@@ -54,6 +58,7 @@ def random_choice(c, r, T, seed=0):
     pick = torch.randperm(len(r), generator=torch.Generator().manual_seed(seed))[:T].to(r.device)
     return pick[robustness_order(r[pick])]
 
+# %% ../nbs/13_diversity.ipynb #c7db65a9
 def kmeans_choice(c, r, T, seed=0, n_init=3):
     "Table 4 'Clustering': the sample nearest each of T k-means centres (one-to-one), most robust first."
     from sklearn.cluster import KMeans
@@ -79,10 +84,12 @@ def _probs3(probs):
     if probs.dim() != 3: raise ValueError(f"probs must be N x K or S x N x K class probabilities, got shape {tuple(probs.shape)}")
     return probs
 
+# %% ../nbs/13_diversity.ipynb #542e4b7b
 def quality_max_probability(probs):
     "Table 4 (a) quality: the highest softmax probability (N x K, or S x N x K averaged over S)."
     return _probs3(probs).mean(0).amax(-1)
 
+# %% ../nbs/13_diversity.ipynb #dae8f374
 def quality_probability_variance(probs):
     "Table 4 (b, c) quality: 1 - total variance of the S probability vectors (S x N x K; ensembles or MC-dropout)."
     probs = _probs3(probs)
@@ -96,6 +103,7 @@ def _class_seed(seed, k):
 def _named(classes, n=20):
     return ', '.join(map(str, classes[:n])) + (f' ... ({len(classes)} classes)' if len(classes) > n else '')
 
+# %% ../nbs/13_diversity.ipynb #c2666a2f
 def select_prototypes(c, r, labels, candidates, T, diversity='algorithm1', seed=0, num_classes=None):
     "K x T global indices: per class, T prototypes from the candidates by the diversity rule (filled or padded when short)."
     if diversity not in DIVERSITY: raise ValueError(f"diversity must be one of {list(DIVERSITY)}, got {diversity!r}")

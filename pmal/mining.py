@@ -6,7 +6,7 @@
 __all__ = ['QUALITY', 'Prototypes', 'mine_prototypes', 'mine_from_centred', 'embedding_2d', 'class_view', 'accuracy_by_r']
 
 # %% ../nbs/14_mining.ipynb #2ec07c10
-import inspect, json, os
+import inspect, json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,6 +78,7 @@ def _default(fn, name):
     v = inspect.signature(fn).parameters[name].default
     return v if isinstance(v, (str, int, float, bool, type(None))) else repr(v)
 
+# %% ../nbs/14_mining.ipynb #6cc3218c
 def _quality(quality, centred, probs, N, scaling, landmarks, seed, robustness=topology_robustness):
     if quality == 'robustness':
         if len(centred) < 2: raise ValueError("quality='robustness' needs U >= 2 embedding spaces (embeddings and weights of 2+ models)")
@@ -91,6 +92,7 @@ def _quality(quality, centred, probs, N, scaling, landmarks, seed, robustness=to
     if quality == 'max_probability': return quality_max_probability(probs)
     return quality_probability_variance(probs)
 
+# %% ../nbs/14_mining.ipynb #d38cfbbe
 def mine_prototypes(embeddings, weights, labels, T=10, eps=0.7, scaling=None, landmarks=None, quality='robustness',
                     diversity='algorithm1', probs=None, seed=0, num_classes=None, robustness=topology_robustness):
     "Phase 1 mining: quality of every sample, candidates (eps), T diverse prototypes per class -> `Prototypes`."
@@ -105,6 +107,7 @@ def mine_prototypes(embeddings, weights, labels, T=10, eps=0.7, scaling=None, la
     return mine_from_centred(centred, labels, T, eps, scaling, landmarks, quality, diversity, probs, seed, num_classes,
                              robustness)
 
+# %% ../nbs/14_mining.ipynb #4046526d
 def mine_from_centred(centred, labels, T=10, eps=0.7, scaling=None, landmarks=None, quality='robustness',
                       diversity='algorithm1', probs=None, seed=0, num_classes=None, robustness=topology_robustness):
     "`mine_prototypes` from the U spaces' centred logits (N x K each); `robustness` computes Eq. 7 (e.g. across ranks)."
@@ -135,6 +138,7 @@ def embedding_2d(x, method='tsne', seed=0, n_components=2, perplexity=30.0):
     else: raise ValueError(f"method must be 'tsne' or 'pca', got {method!r}")
     return torch.as_tensor(y, dtype=torch.float32)
 
+# %% ../nbs/14_mining.ipynb #c6b000b8
 def class_view(protos, features, k, method='tsne', n_components=2, seed=0):
     "One class for Fig. 3(b)/4(b): its training indices, r, candidate flags, prototype rank (-1: none) and positions."
     idx = protos.class_samples(k)
@@ -143,6 +147,7 @@ def class_view(protos, features, k, method='tsne', n_components=2, seed=0):
     pos = embedding_2d(torch.as_tensor(features)[idx], method, seed, n_components)
     return dict(index=idx, r=protos.r[idx], candidate=protos.candidates[idx], prototype_rank=rank[idx], position=pos)
 
+# %% ../nbs/14_mining.ipynb #59c14628
 def accuracy_by_r(r, correct, bins=10):
     "Fig. 4(a): equal-width bins of r over [0, 1]; sample count and accuracy (NaN when empty) per bin."
     edges = torch.linspace(0, 1, bins + 1)

@@ -15,24 +15,26 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .data import ImageSet, make_batches
+from .data import ImageSet
+from .batches import make_batches
 from .models import create_model, default_backbone, check_input
 from functools import partial
-from .train import Recipe, fit, SoftmaxCriterion, seed_everything, atomic_save, run_concurrently, read_checkpoint
+from .train import Recipe, fit, embed_batches, SoftmaxCriterion, seed_everything, atomic_save, run_concurrently, read_checkpoint
 from .files import set_aside
-from .mining import mine_prototypes, Prototypes
+from .mining import QUALITY, mine_prototypes, Prototypes
 from .diversity import DIVERSITY
 from .robustness import SCALINGS
 from .loss import point_to_set_distance, nearest_prototype_distance, pmal_loss
 from .rejection import evaluate_rejection
-from .baselines import create_criterion, REJECTION_RULE
+from .methods import create_criterion, get_method
 
 # %% ../nbs/22_pmal.ipynb #9061da59
-_CHOICES = dict(quality=('robustness', 'max_probability', 'ensemble_variance', 'mc_dropout'),
+_CHOICES = dict(quality=QUALITY,
                 diversity=tuple(DIVERSITY), distance=('point_to_set', 'nearest'),
                 proto_bn=('batch', 'eval', 'joint', 'train'), init=('scratch', 'm1'))
 _MINING_FIELDS = ('U', 'T', 'eps', 'scaling', 'landmarks', 'quality', 'diversity')
 
+# %% ../nbs/22_pmal.ipynb #4998bb2e
 @dataclass(frozen=True)
 class PMALConfig:
     "PMAL's hyper-parameters (paper defaults) and the options where the paper is silent."
@@ -85,12 +87,14 @@ def part_labels(part):
     if hasattr(part, 'targets'): return torch.as_tensor(part.targets)
     return torch.as_tensor([t for _, t in part.samples])
 
+# %% ../nbs/22_pmal.ipynb #72001f02
 def subset_part(part, idx):
     "The images `idx` of a split part (ImageSet or Dataset), in that order."
     idx = torch.as_tensor(idx).long()
     if isinstance(part, ImageSet): return ImageSet(part.x[idx], part.y[idx])
     return torch.utils.data.Subset(part, idx.tolist())
 
+# %% ../nbs/22_pmal.ipynb #49573d9f
 @dataclass(frozen=True)
 class InputStats:
     "What evaluation needs of a split: normalisation and input shape (and never augmentation)."
@@ -104,18 +108,10 @@ class InputStats:
         "The input statistics of an `OpenSetSplit`."
         return cls(tuple(split.mean), tuple(split.std), tuple(split.image_shape))
 
-@torch.no_grad()
+# %% ../nbs/22_pmal.ipynb #59f7e74d
 def embed_part(model, part, split, device='cpu', batch_size=512):
     "Embeddings z and logits (CPU float32) of a split part, eval mode, no augmentation, in order."
-    was_training = model.training
-    model.to(device).eval()
-    zs, ls = [], []
-    try:
-        for x, _ in make_batches(part, split, batch_size, train=False, device=device, seed=0).epoch(0):
-            z, logits = model(x)
-            zs.append(z.float().cpu()); ls.append(logits.float().cpu())
-    finally: model.train(was_training)
-    return torch.cat(zs), torch.cat(ls)
+    return embed_batches(model, make_batches(part, split, batch_size, train=False, device=device, seed=0), device)
 
 # %% ../nbs/22_pmal.ipynb #ddc63252
 _DISTANCES = dict(point_to_set=point_to_set_distance, nearest=nearest_prototype_distance)
@@ -130,6 +126,7 @@ def _bn_modules(model):
 
 _RUNNING = ('running_mean', 'running_var', 'num_batches_tracked')
 
+# %% ../nbs/22_pmal.ipynb #b1c91c39
 class running_stats_kept:
     "Context manager: inside it, the BatchNorm layers of `model` update scratch copies of their running statistics, not their own."
     def __init__(self, model): self.model = model
@@ -208,10 +205,12 @@ def _work_file(work_dir, name):
     Path(work_dir).mkdir(parents=True, exist_ok=True)
     return Path(work_dir) / name
 
+# %% ../nbs/22_pmal.ipynb #6fac6662
 def _stage_hook(on_epoch_end, stage):
     "fit's on_epoch_end(epoch, history) for a named stage of PMAL."
     return None if on_epoch_end is None else lambda epoch, history: on_epoch_end(stage, epoch, history)
 
+# %% ../nbs/22_pmal.ipynb #f7eee4aa
 @torch.no_grad()
 def mc_dropout_probs(model, z, samples=20, p=0.5, seed=0):
     "S x N x K class probabilities from `samples` passes of the head with dropout p on the embedding z."
@@ -220,6 +219,7 @@ def mc_dropout_probs(model, z, samples=20, p=0.5, seed=0):
     head = model.head.cpu()
     return torch.stack([head(z * m).softmax(-1) for m in masks])
 
+# %% ../nbs/22_pmal.ipynb #d82aa2ea
 def train_softmax_models(split, backbone, recipe, U=2, device='cpu', work_dir=None, progress=True, on_epoch_end=None,
                          trainer=fit, concurrent=False):
     "Phase 1: U softmax classifiers, same recipe, seeds recipe.seed + u; checkpointed, resumable; `concurrent`: at once on a GPU."
@@ -255,6 +255,7 @@ def _cached_prototypes(path, config, N):
         return None
     return protos
 
+# %% ../nbs/22_pmal.ipynb #bfe49c04
 def mine_from_models(models, split, config, device='cpu', work_dir=None):
     "Embed the training set in every model's space and mine the prototypes (cached in work_dir/prototypes.npz)."
     path = _work_file(work_dir, 'prototypes.npz')
@@ -283,11 +284,13 @@ def prototype_inputs(split, indices):
 class PMAL:
     "Prototype Mining And Learning: fit (mine + learn), scores, predict, evaluate, save and load."
     def __init__(self, num_classes, backbone='digits_net', in_channels=1, config=None, recipe=None,
-                 device='cpu', work_dir=None, progress=True, on_epoch_end=None, trainer=fit, concurrent_phase1=False):
+                 device='cpu', work_dir=None, progress=True, on_epoch_end=None, trainer=fit, concurrent_phase1=False,
+                 miner=mine_from_models):
         self.num_classes, self.backbone, self.in_channels = num_classes, backbone, in_channels
         self.config, self.recipe = config or PMALConfig(), recipe or Recipe()
         self.device, self.work_dir, self.progress, self.on_epoch_end = device, work_dir, progress, on_epoch_end
         self.trainer = trainer  # the training loop: pmal.train.fit, or pmal.distributed.distributed_fit under torchrun
+        self.miner = miner  # phase 1's mining: mine_from_models, or pmal.distributed's split across ranks
         self.concurrent_phase1 = concurrent_phase1  # train the U phase-1 models at once on a GPU (pmal.train.run_concurrently)
         self.model = self.criterion = self.prototypes = self.inputs = None
         self.phase1_models, self.history = [], []
@@ -303,7 +306,7 @@ class PMAL:
         self.phase1_models = train_softmax_models(split, self.backbone, self.recipe, self.config.U, self.device,
                                                   self.work_dir, self.progress, self.on_epoch_end, self.trainer,
                                                   self.concurrent_phase1)
-        self.prototypes = mine_from_models(self.phase1_models, split, self.config, self.device, self.work_dir)
+        self.prototypes = self.miner(self.phase1_models, split, self.config, self.device, self.work_dir)
         return self
 
     def learn(self, split):
@@ -398,17 +401,18 @@ def train_baseline(method, split, backbone=None, recipe=None, device='cpu', work
         on_epoch_end=on_epoch_end)
     return model, criterion
 
+# %% ../nbs/22_pmal.ipynb #598f605d
 def evaluate_model(model, criterion, split, device='cpu', method='softmax'):
     """Open-set metrics of a trained baseline, from the logits the method trains: the linear head for softmax / mls,
     the criterion's own class scores for GCPL / RPL / ARPL (their head is never trained). msp_* and mls_* of those
-    logits, plus <method>_* = the method's reference rule (pmal.baselines.REJECTION_RULE)."""
+    logits, plus <method>_* = the method's reference rule (pmal.methods)."""
     (zk, lk), (zu, lu) = [embed_part(model, p, split, device) for p in (split.test_known, split.test_unknown)]
     if hasattr(criterion, 'scores'):
         criterion = criterion.cpu().eval()
         with torch.no_grad(): lk, lu = criterion.scores(zk), criterion.scores(zu)
     res = evaluate_rejection(lk, part_labels(split.test_known), lu)
     if hasattr(criterion, 'scores'):
-        rule = REJECTION_RULE.get(method, 'mls')
+        rule = get_method(method).rule
         res.update({f"{method}_{k.split('_', 1)[1]}": v for k, v in res.items() if k.startswith(f'{rule}_')})
     return res
 

@@ -6,10 +6,10 @@
 __all__ = ['PAPER_RECIPE', 'IMAGENET_RECIPE', 'EXECUTION_FIELDS', 'CHECKPOINT_KEYS', 'Recipe', 'make_optimizer', 'make_scheduler',
            'seed_everything', 'SoftmaxCriterion', 'trainable_parameters', 'parameter_groups', 'NonFiniteLossError',
            'atomic_save', 'EagerStep', 'CUDAGraphStep', 'make_step', 'CheckpointError', 'read_checkpoint',
-           'prepare_training', 'fit', 'run_concurrently', 'embed']
+           'prepare_training', 'fit', 'run_concurrently', 'embed_batches', 'embed']
 
 # %% ../nbs/02_train.ipynb #e68a187a
-import math, os, time, random, threading, warnings
+import math, time, random, threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, asdict, fields
 from pathlib import Path
@@ -18,7 +18,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 from tqdm import tqdm
-from .data import DeviceBatches, ImageSet
+from .data import ImageSet
+from .batches import DeviceBatches
 from .files import atomic_write, set_aside
 
 # %% ../nbs/02_train.ipynb #63f53db3
@@ -300,7 +301,7 @@ def fit(model, batches, recipe=None, criterion=None, checkpoint=None, device='cp
     "Train `model` (and `criterion`'s parameters) on `batches` with `recipe`; checkpointed, resumable; returns history."
     recipe, criterion = recipe or Recipe(), criterion if criterion is not None else SoftmaxCriterion()
     if not (hasattr(batches, 'epoch') and hasattr(batches, '__len__')):
-        raise TypeError("batches must have .epoch(e) and len() — build it with pmal.data.make_batches.")
+        raise TypeError("batches must have .epoch(e) and len() — build it with pmal.batches.make_batches.")
     device = torch.device(device)
     optimizer, scheduler, checkpoint, history, start = prepare_training(model, criterion, recipe, device, checkpoint)
     if start >= recipe.epochs: return history
@@ -332,15 +333,10 @@ def run_concurrently(calls, device):
 
 # %% ../nbs/02_train.ipynb #6627095c
 @torch.no_grad()
-def embed(model, images, mean, std, device='cpu', batch_size=512):
-    "Embeddings z (N x D) and logits (N x K) of an ImageSet, eval mode, float32 on CPU, in the set's order."
-    if not isinstance(images, ImageSet):
-        raise TypeError(f"embed takes a pmal.data.ImageSet, got {type(images).__name__}; for a Dataset iterate "
-                        "pmal.data.make_batches(part, split, batch_size, train=False) instead.")
-    if len(images) == 0: raise ValueError("embed needs at least one image, got an empty set.")
+def embed_batches(model, batches, device='cpu'):
+    "Embeddings z and logits (float32, CPU) of epoch 0 of `batches`, in eval mode (the model's mode is restored)."
     was_training = model.training
     model.to(device).eval()
-    batches = DeviceBatches(images, batch_size, shuffle=False, augment='none', mean=mean, std=std, device=device)
     zs, ls = [], []
     try:
         for x, _ in batches.epoch(0):
@@ -349,3 +345,14 @@ def embed(model, images, mean, std, device='cpu', batch_size=512):
     finally:
         model.train(was_training)
     return torch.cat(zs), torch.cat(ls)
+
+# %% ../nbs/02_train.ipynb #ba5af08d
+@torch.no_grad()
+def embed(model, images, mean, std, device='cpu', batch_size=512):
+    "Embeddings z (N x D) and logits (N x K) of an ImageSet, eval mode, float32 on CPU, in the set's order."
+    if not isinstance(images, ImageSet):
+        raise TypeError(f"embed takes a pmal.data.ImageSet, got {type(images).__name__}; for a Dataset iterate "
+                        "pmal.batches.make_batches(part, split, batch_size, train=False) instead.")
+    if len(images) == 0: raise ValueError("embed needs at least one image, got an empty set.")
+    batches = DeviceBatches(images, batch_size, shuffle=False, augment='none', mean=mean, std=std, device=device)
+    return embed_batches(model, batches, device)

@@ -8,7 +8,6 @@ __all__ = ['Simulation', 'random_isometry', 'fit_linear_head', 'simulate_embeddi
 # %% ../nbs/10_uncertainty.ipynb #bf7861b4
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
 

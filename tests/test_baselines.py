@@ -1,5 +1,5 @@
 """Package-level tests of pmal.baselines: the GCPL / RPL / ARPL formulas, gradients, training by pmal.train.fit,
-and the registry."""
+and building each by name through the method registry."""
 import math
 
 import pytest
@@ -7,8 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pmal.baselines import (GCPLCriterion, RPLCriterion, ARPLCriterion, SoftmaxCriterion, squared_distances,
-                            create_criterion, register_criterion, CRITERIA, REJECTION_RULE)
+from pmal.baselines import GCPLCriterion, RPLCriterion, ARPLCriterion, SoftmaxCriterion, squared_distances
+from pmal.methods import Method, METHODS, create_criterion, get_method, register_method
 
 torch.set_num_threads(1)
 
@@ -88,8 +88,8 @@ def test_gcpl_nearest_prototype_of_a_class_counts():
 def test_rejection_rules_follow_reference_test_code():
     # core/test.py takes the max of what the criterion returns without labels: softmax(-dist) for GCPL,
     # softmax(dist) for RPL, the raw logits d_e - z.P for ARPL.
-    assert (REJECTION_RULE['gcpl'], REJECTION_RULE['rpl'], REJECTION_RULE['arpl']) == ('msp', 'msp', 'mls')
-    assert (REJECTION_RULE['softmax'], REJECTION_RULE['mls']) == ('msp', 'mls')
+    assert tuple(get_method(m).rule for m in ('gcpl', 'rpl', 'arpl')) == ('msp', 'msp', 'mls')
+    assert (get_method('softmax').rule, get_method('mls').rule) == ('msp', 'mls')
 
 
 def test_rpl_formula_and_radius_gradient():
@@ -155,7 +155,7 @@ def test_registry():
     assert isinstance(crit, RPLCriterion) and crit.lambda_ == 0.5 and crit.points.shape == (6, 2, 32)
     assert isinstance(create_criterion('arpl', 6, 32), ARPLCriterion)
     assert isinstance(create_criterion('gcpl', 6, 32), GCPLCriterion)
-    with pytest.raises(ValueError, match='valid names: arpl, gcpl, mls, rpl, softmax'):
+    with pytest.raises(ValueError, match="method must be one of \\('pmal', 'softmax'"):
         create_criterion('cpn', 6, 32)
     with pytest.raises(TypeError):
         create_criterion('gcpl', 6, 32, not_an_option=1)
@@ -163,20 +163,22 @@ def test_registry():
 
 def test_register_extension_point():
     try:
-        register_criterion('toy', lambda k, d, **kw: GCPLCriterion(k, d, **kw), rule='msp')
+        register_method(Method('toy', lambda k, d, **kw: GCPLCriterion(k, d, **kw), rule='msp', own_scores=True))
         assert isinstance(create_criterion('toy', 3, 8, temperature=2.0), GCPLCriterion)
-        assert REJECTION_RULE['toy'] == 'msp'
-        with pytest.raises(ValueError, match="'msp' or 'mls'"):
-            register_criterion('toy2', GCPLCriterion, rule='dr')
+        assert get_method('toy').rule == 'msp' and get_method('toy').headline == 'toy'
+        with pytest.raises(ValueError, match="rule must be one of"):
+            register_method(Method('toy2', GCPLCriterion, rule='energy'))
+        with pytest.raises(ValueError, match="registered already"):
+            register_method(Method('toy', GCPLCriterion, rule='mls'))
     finally:
-        CRITERIA.pop('toy', None); REJECTION_RULE.pop('toy', None)
-    assert 'toy2' not in CRITERIA
-    assert set(REJECTION_RULE) == set(CRITERIA) and REJECTION_RULE['softmax'] == 'msp'
+        METHODS.pop('toy', None)
+    assert 'toy2' not in METHODS and get_method('softmax').rule == 'msp'
 
 
 @pytest.mark.parametrize('method', ['gcpl', 'rpl', 'arpl'])
 def test_fit_trains_criterion_parameters(method):
-    from pmal.data import load_openset, make_batches
+    from pmal.batches import make_batches
+    from pmal.data import load_openset
     from pmal.models import digits_net
     from pmal.train import Recipe, fit, seed_everything
     seed_everything(0)
@@ -192,7 +194,8 @@ def test_fit_trains_criterion_parameters(method):
 
 
 def test_checkpoint_holds_criterion_parameters(tmp_path):
-    from pmal.data import load_openset, make_batches
+    from pmal.batches import make_batches
+    from pmal.data import load_openset
     from pmal.models import digits_net
     from pmal.train import Recipe, fit
     split = load_openset('digits', 0)

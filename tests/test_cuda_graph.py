@@ -6,8 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from pmal.baselines import create_criterion
-from pmal.data import load_openset, make_batches
+from pmal.methods import create_criterion
+from pmal.batches import make_batches
+from pmal.data import load_openset
 from pmal.models import digits_net
 from pmal.pipeline import PMALCriterion, PMALConfig, prototype_inputs, train_softmax_models
 from pmal.train import CUDAGraphStep, NonFiniteLossError, Recipe, fit

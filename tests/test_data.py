@@ -10,8 +10,8 @@ import scipy.io
 import torch
 from PIL import Image
 
-from pmal.data import (BENCHMARKS, OSR_SPLITS, DataNotFoundError, DeviceBatches, ImageSet, LoaderBatches,
-                       OpenSetSplit, crop_flip, load_openset, make_batches)
+from pmal.batches import DeviceBatches, LoaderBatches, crop_flip, make_batches
+from pmal.data import BENCHMARKS, OSR_SPLITS, DataNotFoundError, ImageSet, OpenSetSplit, load_openset
 
 torch.set_num_threads(1)
 RNG = np.random.default_rng(0)
@@ -115,20 +115,20 @@ def tiny_root(tmp_path_factory):
     root = tmp_path_factory.mktemp('tiny'); write_tiny(root); return root
 
 def trusted(root, folder):
-    "Declare the tiny CIFAR files of a test trusted: their md5 joins pmal.data.KNOWN_MD5 (the published files' md5)."
-    import hashlib, pmal.data
+    "Declare the tiny CIFAR files of a test trusted: their md5 joins pmal.readers.KNOWN_MD5 (the published files' md5)."
+    import hashlib, pmal.readers
     for f in (root / folder).iterdir():
-        pmal.data.KNOWN_MD5[f'{folder}/{f.name}'] = hashlib.md5(f.read_bytes()).hexdigest()
+        pmal.readers.KNOWN_MD5[f'{folder}/{f.name}'] = hashlib.md5(f.read_bytes()).hexdigest()
 
 
 @pytest.fixture(scope='module')
 def cifar_root(tmp_path_factory):
-    import pmal.data
-    saved = dict(pmal.data.KNOWN_MD5)
+    import pmal.readers
+    saved = dict(pmal.readers.KNOWN_MD5)
     root = tmp_path_factory.mktemp('cifar'); write_cifar10(root); write_cifar100(root)
     trusted(root, 'cifar-10-batches-py'); trusted(root, 'cifar-100-python')
     yield root
-    pmal.data.KNOWN_MD5.clear(); pmal.data.KNOWN_MD5.update(saved)
+    pmal.readers.KNOWN_MD5.clear(); pmal.readers.KNOWN_MD5.update(saved)
 
 @pytest.fixture(scope='module')
 def imagenet_root(tmp_path_factory):

@@ -10,7 +10,8 @@ from torch import nn
 from PIL import Image
 
 import pmal.distributed as D
-from pmal.data import DeviceBatches, ImageSet, LoaderBatches, load_openset
+from pmal.batches import DeviceBatches, LoaderBatches
+from pmal.data import ImageSet, load_openset
 from pmal.mining import mine_prototypes
 from pmal.models import EmbeddingClassifier
 from pmal.pipeline import PMAL, PMALConfig, PMALCriterion, mine_from_models

@@ -43,7 +43,7 @@ def test_concurrent_saves_of_one_path_never_collide(tmp_path, writer, name):
 
 def test_threads_writing_one_record_never_collide(tmp_path):
     "write_json_atomic named its temporary file by process id only: threads of one process shared it."
-    from pmal.experiments import ResultsStore
+    from pmal.store import ResultsStore
     store = ResultsStore(tmp_path)
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda i: store.write(dict(key='k', status='done', i=i, pad='x' * 20000)), range(400)))

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from pmal.experiments import TEMPLATES
+from pmal.driver import TEMPLATES
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "base: quick\nepochs: 2\ntsne_samples: 200\n"
@@ -100,7 +100,7 @@ def test_installed_wheel_runs_pmal_reproduce_outside_the_checkout(wheel, tmp_pat
     (elsewhere / 'tiny.yaml').write_text(TINY)
     env = {k: v for k, v in os.environ.items() if k not in ('PMAL_TEMPLATES', 'PYTHONPATH')}
     env.update(PYTHONPATH=str(site), OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')
-    where = _run([sys.executable, '-c', 'import pmal, pmal.experiments as e; print(pmal.__file__); print(e.template_dir())'],
+    where = _run([sys.executable, '-c', 'import pmal, pmal.driver as d; print(pmal.__file__); print(d.template_dir())'],
                  cwd=elsewhere, env=env).stdout.split()
     assert where == [str(site / 'pmal' / '__init__.py'), str(site / 'pmal' / 'templates')]
     r = _run([site / 'bin' / 'pmal-reproduce', 'run', '--out', 'store', '--set', 'dataset=digits', '--set', 'profile=tiny.yaml',

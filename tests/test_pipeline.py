@@ -228,7 +228,7 @@ def test_damaged_prototypes_are_mined_again(tmp_path, split):
 
 
 def test_images_a_backbone_cannot_take_fail_before_training(tmp_path, split):
-    from pmal.data import downsample_split
+    from pmal.batches import downsample_split
     tiny = downsample_split(split, 1)  # 1 x 1 images: digits_net's pooling leaves nothing
     with pytest.raises(ValueError, match=r'backbone digits_net cannot take images of 1 x 1 x 1'):
         PMAL.for_split(tiny, backbone='digits_net', recipe=Recipe(**RECIPE), work_dir=tmp_path, progress=False).fit(tiny)

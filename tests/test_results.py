@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from pmal.experiments import ResultsStore, make_tables
+from pmal.store import ResultsStore
+from pmal.tables import make_tables
 
 RESULTS = Path(__file__).resolve().parents[1] / 'results'
 STORES = sorted(p for p in RESULTS.glob('*') if (p / 'records').is_dir())

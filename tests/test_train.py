@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pmal.data import ImageSet, load_openset, make_batches
+from pmal.batches import make_batches
+from pmal.data import ImageSet, load_openset
 from pmal.models import digits_net
 from pmal.train import (IMAGENET_RECIPE, PAPER_RECIPE, NonFiniteLossError, Recipe, SoftmaxCriterion, atomic_save,
                         embed, fit, seed_everything, trainable_parameters)
@@ -196,7 +197,8 @@ SCRIPT = textwrap.dedent('''
     import torch
     torch.set_num_threads(1)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from pmal.data import load_openset, make_batches
+    from pmal.batches import make_batches
+    from pmal.data import load_openset
     from pmal.models import digits_net
     from pmal.train import Recipe, fit, seed_everything
     from helper_criterion import ScaledCE

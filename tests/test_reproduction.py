@@ -1,4 +1,4 @@
-"""Package-level tests of pmal.experiments: settings and profiles, keys, the results store, and the three papermill
+"""Package-level tests of the reproduction layer (pmal.settings, store, run, targets, tables, figures, driver): settings and profiles, keys, the results store, and the three papermill
 templates (run, tables, figures) executed on digits with a tiny profile, including a driver killed part-way."""
 import json, os, signal, subprocess, sys, time
 from pathlib import Path
@@ -10,16 +10,22 @@ import pytest
 
 import torch
 
-import pmal.experiments
-from pmal.baselines import REJECTION_RULE
-from pmal.experiments import (RUN_PARAMETERS, PROFILES, ResultsStore, resolve_settings, run_key, work_key, run_recipe,
-                              run_notebook, template_dir, template_parameters, write_json_atomic, grid, unique_runs,
-                              write_figure, write_table, list_commands, load_profile, main, _request, execute_run,
-                              run_spec, phase1_dir, load_run_split, table_rows, SPEC_VERSION, PRIMARY_RULE, RULE_WORDS)
+import pmal.driver, pmal.run, pmal.figures
+from pmal.cli import RUN_PARAMETERS, main
+from pmal.files import write_json_atomic
+from pmal.methods import RULE_WORDS, get_method
+from pmal.settings import (SPEC_VERSION, resolve_settings, run_key, work_key, run_recipe, run_spec, load_profile,
+                           describe)
+from pmal.store import ResultsStore
+from pmal.run import execute_run, phase1_dir, load_run_split
+from pmal.targets import make_request, grid, unique_runs
+from pmal.tables import write_table, table_rows
+from pmal.figures import write_figure
+from pmal.driver import run_notebook, template_dir, template_parameters
 
 TINY = "base: quick\nepochs: 2\ntsne_samples: 200\n"
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'MKL_NUM_THREADS': '1'}
-DRIVER = [sys.executable, '-c', 'import sys; from pmal.experiments import main; sys.exit(main())']
+DRIVER = [sys.executable, '-c', 'import sys; from pmal.cli import main; sys.exit(main())']
 
 
 @pytest.fixture(scope='module')
@@ -138,7 +144,7 @@ def test_a_failing_run_leaves_an_error_record(tmp_path, monkeypatch):
     assert not (tmp_path / 'store').exists()
     def kernel_fails(*a, **k):  # a run that raises in its kernel
         raise papermill.PapermillExecutionError(0, 1, 'RuntimeError: the disk is full', 'RuntimeError', 'the disk is full', [])
-    monkeypatch.setattr(pmal.experiments, '_papermill', kernel_fails)
+    monkeypatch.setattr(pmal.driver, '_papermill', kernel_fails)
     status, record = run_notebook({'method': 'softmax', 'out_dir': str(tmp_path / 'store')})
     assert status == 'error' and record['status'] == 'error'
     assert record['error'] == 'RuntimeError: the disk is full' and 'softmax' in record['name']
@@ -194,10 +200,10 @@ def test_figures_template_writes_png_and_pdf(killed_and_rerun, capsys):
         for ext in ('png', 'pdf'): assert (out / 'figures' / f'{fig}_digits_tiny.{ext}').stat().st_size > 1000
     caption = (out / 'figures' / 'fig6_digits_tiny.txt').read_text()  # each panel's AUROC under its primary rule
     store, profile = ResultsStore(out), load_profile_path(out)
-    for c in grid(_request('fig6', ['digits'], profile=profile), out):
+    for c in grid(make_request('fig6', ['digits'], profile=profile), out):
         auroc = 100 * store.load(c.key)['metrics'][f'{c.rule}_auroc']
         assert f"{c.row}: AUROC {auroc:.1f} under " in caption
-    assert write_figure(ResultsStore(out), _request('fig5a', ['digits'], profile=load_profile_path(out))) == []
+    assert write_figure(ResultsStore(out), make_request('fig5a', ['digits'], profile=load_profile_path(out))) == []
     assert 'fig5a (digits) skipped: 1 of 2 runs' in capsys.readouterr().out
 
 
@@ -222,8 +228,8 @@ def test_list_prints_one_self_contained_command_per_missing_run(killed_and_rerun
 
 
 def test_grids_cover_the_papers_tables():
-    t1 = grid(_request('table1', ['digits'], [0, 1]))
-    other = {m: 'mls' if REJECTION_RULE[m] == 'msp' else 'msp' for m in ('rpl', 'arpl')}
+    t1 = grid(make_request('table1', ['digits'], [0, 1]))
+    other = {m: 'mls' if get_method(m).rule == 'msp' else 'msp' for m in ('rpl', 'arpl')}
     assert {c.row for c in t1} == {'Softmax (MSP)', 'MLS', 'Softmax, equal budget', 'GCPL (CPN)', 'RPL', 'ARPL',
                                    f"RPL ({RULE_WORDS[other['rpl']]})", f"ARPL ({RULE_WORDS[other['arpl']]})",
                                    'PMAL (DR)', 'PMAL (PR)'}
@@ -231,15 +237,15 @@ def test_grids_cover_the_papers_tables():
     rules = {(c.settings.method, c.rule) for c in t1}  # reference rules read as <method>_*, the other one by name
     assert {('gcpl', 'gcpl'), ('rpl', 'rpl'), ('arpl', 'arpl'), ('rpl', other['rpl']), ('arpl', other['arpl']),
             ('softmax_budget', 'msp')} <= rules
-    t5 = grid(_request('table5', ['digits'], [0]))
+    t5 = grid(make_request('table5', ['digits'], [0]))
     assert sorted({c.settings.T for c in t5}) == [1, 5, 10, 20, 30] and {c.settings.U for c in t5} == {2, 3, 4, 5, 6}
-    t4 = grid(_request('table4', ['digits'], [0]))
+    t4 = grid(make_request('table4', ['digits'], [0]))
     assert {c.settings.quality for c in t4} == {'robustness', 'max_probability', 'ensemble_variance', 'mc_dropout'}
     assert {c.settings.diversity for c in t4} == {'algorithm1', 'random', 'kmeans'}
-    t3 = grid(_request('table3', ['digits'], [0]))
+    t3 = grid(make_request('table3', ['digits'], [0]))
     assert [c.paper['auroc']['value'] for c in t3] == [80.3, 78.1, 81.6, 80.2, 81.9, 83.1]
     assert {c.settings.distance for c in t3 if c.settings} == {'nearest', 'point_to_set'}
-    assert len(unique_runs(grid(_request('fig4b', ['digits'])))) == 3
+    assert len(unique_runs(grid(make_request('fig4b', ['digits'])))) == 3
 
 
 # ---- faithfulness: versioned keys, image size, M1 shared with the softmax baseline, equal budget, honest reports ----
@@ -269,7 +275,7 @@ def pmal_first(tmp_path_factory, tiny3):
     first = _run(out, tiny3, method='pmal')
     m1 = phase1_dir(resolve_settings(profile=tiny3, out_dir=str(out)), ResultsStore(out)) / 'phase1_model0.pt'
     before = m1.stat()
-    with mock.patch('pmal.experiments.train_baseline', wraps=pmal.experiments.train_baseline) as tb:
+    with mock.patch('pmal.run.train_baseline', wraps=pmal.run.train_baseline) as tb:
         records = {m: _run(out, tiny3, method=m) for m in ('softmax', 'mls', 'softmax_budget')}
     return out, first, records, m1, before, tb.call_args_list
 
@@ -319,9 +325,9 @@ def test_softmax_budget_fine_tunes_m1_for_phase_2s_epochs(pmal_first):
     assert len(tuned['history']) == len(phase2['history']) == budget['settings']['epochs']  # PMAL's phase-2 budget
     assert tuned['recipe'] == phase2['recipe']                                              # and its recipe
     assert not all(torch.equal(tuned['model'][k], v) for k, v in m1_state.items())          # it trained
-    assert budget['summary']['rule'] == PRIMARY_RULE['softmax_budget'] == 'msp'
+    assert budget['summary']['rule'] == get_method('softmax_budget').headline == 'msp'
     assert {'msp_auroc', 'mls_auroc', 'msp_oscr'} <= set(budget['metrics'])
-    md, _ = write_table(store, _request('table1', ['digits'], [0], profile=budget['settings']['profile']))
+    md, _ = write_table(store, make_request('table1', ['digits'], [0], profile=budget['settings']['profile']))
     assert '| Softmax, equal budget | max probability | digits | 1/1 |' in md and 'equal budget: M1' in md
 
 
@@ -329,16 +335,16 @@ def test_figure_captions_state_what_the_figures_support(pmal_first, tiny3, capsy
     out, _, _, _, _, _ = pmal_first
     for seed in (1, 2): _run(out, tiny3, method='pmal', seed=seed)
     store = ResultsStore(out)
-    paths = write_figure(store, _request('fig4b', ['digits'], profile=tiny3))
+    paths = write_figure(store, make_request('fig4b', ['digits'], profile=tiny3))
     caption = Path([p for p in paths if p.suffix == '.txt'][0]).read_text()
     assert 'mean pairwise prototype overlap |A∩B|/T = ' in caption and 'chosen in all 3 repetitions' in caption
     assert any(v in caption for v in ('This supports', 'This only partly supports', 'This does not support'))
-    caption = Path(write_figure(store, _request('fig3b', ['digits'], profile=tiny3))[-1]).read_text()
+    caption = Path(write_figure(store, make_request('fig3b', ['digits'], profile=tiny3))[-1]).read_text()
     assert "centred logits z·A of M1, the space where Algorithm 1 measures diversity" in caption
-    old = pmal.experiments.load_figure_data  # figure data written before train_c existed: drawn, and said so
-    with mock.patch('pmal.experiments.load_figure_data',
+    old = pmal.figures.load_figure_data  # figure data written before train_c existed: drawn, and said so
+    with mock.patch('pmal.figures.load_figure_data',
                     lambda *a: {k: v for k, v in old(*a).items() if k != 'train_c'}):
-        caption = Path(write_figure(store, _request('fig3b', ['digits'], profile=tiny3))[-1]).read_text()
+        caption = Path(write_figure(store, make_request('fig3b', ['digits'], profile=tiny3))[-1]).read_text()
     assert 'embeddings z of M1, NOT the space where Algorithm 1 measures diversity' in caption
 
 
@@ -347,7 +353,7 @@ def test_image_size_downsamples_once_at_load_time(tmp_path):
     small.write_text("base: quick\nepochs: 1\ntsne_samples: 100\nimage_size: 4\n")
     s = resolve_settings(method='softmax', profile=str(small), out_dir=str(tmp_path), device='cpu')
     assert load_profile(small).image_shape((1, 8, 8)) == (1, 4, 4) == load_run_split(s).image_shape
-    assert run_spec(s)['image_size'] == 4 and 'at 4 px' in pmal.experiments.describe(s)
+    assert run_spec(s)['image_size'] == 4 and 'at 4 px' in describe(s)
     assert execute_run(s)['data']['image_shape'] == [1, 4, 4]
     noop = tmp_path / 'noop.yaml'
     noop.write_text("base: quick\nepochs: 1\ntsne_samples: 100\nimage_size: 8\n")  # digits are 8x8 already
@@ -363,7 +369,7 @@ def test_image_size_downsamples_once_at_load_time(tmp_path):
 
 def test_an_old_record_does_not_crash_the_tables(tmp_path):
     "A record of older code (no spec version, no metrics for a rule a row reads) is shown as failed, not a crash."
-    store, req = ResultsStore(tmp_path), _request('table1', ['digits'], [0])
+    store, req = ResultsStore(tmp_path), make_request('table1', ['digits'], [0])
     cells = grid(req, tmp_path)
     rpl = next(c for c in cells if c.settings.method == 'rpl')
     store.write(dict(key=rpl.key, status='done', spec={'dataset': 'digits'}, metrics={'mls_auroc': 0.5}))
@@ -373,17 +379,17 @@ def test_an_old_record_does_not_crash_the_tables(tmp_path):
 
 
 def test_repeated_splits_are_footnoted():
-    md, _ = write_table(ResultsStore('/nonexistent-pmal-store'), _request('table1', ['svhn', 'cifar10', 'mnist']))
+    md, _ = write_table(ResultsStore('/nonexistent-pmal-store'), make_request('table1', ['svhn', 'cifar10', 'mnist']))
     for ds in ('svhn', 'cifar10'):
         assert f"{ds}: splits 0 and 1 of the standard split list hold the same known classes" in md
     assert 'mnist: splits' not in md and 'mean over 4 distinct splits' in md
-    md, _ = write_table(ResultsStore('/nonexistent-pmal-store'), _request('table1', ['cifar10'], [1, 2]))
+    md, _ = write_table(ResultsStore('/nonexistent-pmal-store'), make_request('table1', ['cifar10'], [1, 2]))
     assert 'splits 0 and 1' not in md
 
 
 def test_the_notebooks_stand_alone():
     root = Path(__file__).resolve().parents[1]
-    for nb in [root / 'nbs' / '30_experiments.ipynb', *(root / 'nbs' / 'experiments').glob('*.ipynb')]:
+    for nb in [*(root / 'nbs').glob('3*.ipynb'), *(root / 'nbs' / 'experiments').glob('*.ipynb')]:
         assert 'PMAL_SPEC' not in nb.read_text(), nb
 
 
@@ -488,7 +494,7 @@ def test_list_shows_only_the_splits_that_exist(tmp_path, tiny, capsys):
     assert main(['--table', '1', '--dataset', f'npz:{one}', '--splits', '3', '--profile', tiny, '--out', str(tmp_path / 's'),
                  '--list']) == 2
     assert 'split 3 not in 0..0' in capsys.readouterr().err
-    assert {c.settings.split for c in grid(_request('table2', ['imagenet100']))} == {0}  # ImageNet-100 has one split
+    assert {c.settings.split for c in grid(make_request('table2', ['imagenet100']))} == {0}  # ImageNet-100 has one split
 
 
 # ---- issue 12: faults lose nothing ---------------------------------------------------------------------------------
@@ -587,8 +593,8 @@ def test_a_read_only_store_gives_one_line(tmp_path, capsys, monkeypatch):
 
 def test_a_truncated_record_under_report_gives_one_line(tmp_path, capsys):
     store = ResultsStore(tmp_path)
-    store.add_requests([_request('table1', ['digits'], [0])])
-    cells = grid(_request('table1', ['digits'], [0]), tmp_path)
+    store.add_requests([make_request('table1', ['digits'], [0])])
+    cells = grid(make_request('table1', ['digits'], [0]), tmp_path)
     store.write(dict(key=cells[0].key, status='done', metrics={}))
     (tmp_path / 'records' / f'{cells[0].key}.json').write_text('{"key": "x", "sta')
     assert main(['report', '--out', str(tmp_path)]) not in (0, None)
@@ -624,5 +630,5 @@ def test_the_kernel_logs_no_interrupt_at_shutdown(tmp_path, monkeypatch):
     "jupyter_client interrupts every kernel it shuts down; ipykernel logs that at ERROR level, so ERROR is not shown."
     seen = {}
     monkeypatch.setattr(papermill, 'execute_notebook', lambda *a, **k: seen.update(k))
-    pmal.experiments._papermill(template_dir() / 'tables.ipynb', tmp_path / 'x.ipynb', {}, tmp_path)
+    pmal.driver._papermill(template_dir() / 'tables.ipynb', tmp_path / 'x.ipynb', {}, tmp_path)
     assert '--IPKernelApp.log_level=CRITICAL' in seen['extra_arguments']

@@ -35,7 +35,7 @@ nbtest: install
 	$(THREADS) $(BIN)/nbdev_test --n_workers 2 --timing
 
 pytest: install
-	OMP_NUM_THREADS=2 $(PY) -m pytest -q tests
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile tests
 
 test: check-sync nbtest pytest
 

@@ -125,7 +125,10 @@ def main(argv=None):
         from pmal.driver import run_command  # torch, papermill and the rest: only now
         return run_command(args)
     except KeyboardInterrupt:
-        print(INTERRUPTED, file=sys.stderr)
+        import logging, os
+        logging.disable(logging.CRITICAL)  # nbclient may still log the kernel's death after this: the one line stays the last
+        print(INTERRUPTED, file=sys.stderr, flush=True)
+        sys.stderr = open(os.devnull, 'w')  # and nothing printed during the shutdown follows it
         return 130
     except (ValueError, OSError, RuntimeError) as e:  # bad input, missing data, a read-only store, a failed report
         print(f"pmal-reproduce: error: {_one_line(e)}", file=sys.stderr)

@@ -36,6 +36,11 @@ class Method:
         "The metric prefix of the method's headline numbers: `<name>` for a method scored by its own criterion, else its rule."
         return self.name if self.own_scores else self.rule
 
+    @property
+    def scored_as(self):
+        "The method whose criterion trains this one and whose scores it reads: `base`, else itself."
+        return self.base or self.name
+
 # %% ../nbs/25_methods.ipynb #09ebad6a
 _SOFTMAX = 'pmal.baselines:softmax_criterion'
 METHODS = {m.name: m for m in (

@@ -161,7 +161,7 @@ def train_m1(s, split, store, progress=False, on_epoch_end=None):
 def _run_baseline(s, split, store, timings, progress, on_epoch_end=None):
     "Train and evaluate a comparison method; metrics and figure data."
     t, m = time.time(), get_method(s.method)
-    method = m.base or s.method
+    method = m.scored_as
     hook = lambda stage: None if on_epoch_end is None else (lambda epoch, history: on_epoch_end(stage, epoch, history))
     if method == 'softmax':
         model, criterion, timings['reused'] = train_m1(s, split, store, progress, hook('m1'))
@@ -241,7 +241,7 @@ def _stages(s):
     "The training stages of a run, in order, as (hook name, words): what the progress file reports."
     if s.method == 'pmal': return [(f'phase1_model{u}', f'phase 1, model {u + 1}/{s.U}') for u in range(s.U)] + [('phase2', 'phase 2')]
     m = get_method(s.method)
-    if (m.base or s.method) != 'softmax': return [('train', f'train {s.method}')]
+    if m.scored_as != 'softmax': return [('train', f'train {s.method}')]
     return [('m1', 'train M1 (softmax)')] + ([('fine_tune', 'fine-tune M1')] if m.fine_tunes_m1 else [])
 
 # %% ../nbs/32_run.ipynb #e2743490

@@ -93,7 +93,7 @@ def other_rule(method):
 # %% ../nbs/33_targets.ipynb #542ba8be
 def rule_name(method, rule):
     "The rejection rule a cell reads, in words: one name per rule in every table, note and figure title."
-    m = get_method(get_method(method).base or method)
+    m = get_method(get_method(method).scored_as)
     if m.own_scores:  # scored from the method's own class scores, never from a linear head
         rule = m.rule if rule == m.name else rule
         return f"{RULE_WORDS[rule]} of its own scores" + (' (reference rule)' if rule == m.rule else '')

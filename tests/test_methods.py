@@ -30,7 +30,7 @@ PLUGIN = textwrap.dedent('''
 
 
 @pytest.fixture
-def plugin(tmp_path, monkeypatch):
+def plugin(tmp_path):
     (tmp_path / 'toy_methods.py').write_text(PLUGIN)
     env = {**os.environ, 'PMAL_PLUGINS': 'toy_methods', 'OMP_NUM_THREADS': '1', 'MKL_NUM_THREADS': '1',
            'PYTHONPATH': os.pathsep.join(filter(None, [str(tmp_path), os.environ.get('PYTHONPATH')]))}
@@ -47,7 +47,7 @@ def test_every_builtin_method_is_described_once():
     assert rule_name('gcpl', 'gcpl') == rule_name('gcpl', get_method('gcpl').rule) == 'max probability of its own scores (reference rule)'
 
 
-def test_a_plugin_registers_in_every_process(plugin, monkeypatch):
+def test_a_plugin_module_registers_its_methods_when_loaded(plugin, monkeypatch):
     folder, env = plugin
     monkeypatch.setenv('PMAL_PLUGINS', 'toy_methods')
     monkeypatch.syspath_prepend(str(folder))

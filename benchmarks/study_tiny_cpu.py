@@ -75,8 +75,10 @@ def study_scaling(store, data_root, split_index=0):
     from pmal.robustness import SCALINGS, topology_robustness
     from pmal.metrics import auroc
     store = ResultsStore(store)
-    runs = [r for r in store.records() if r['status'] == 'done' and r['settings']['method'] == 'pmal'
-            and r['settings']['split'] == split_index and r['settings']['T'] == 10 and r['settings']['U'] == 2]
+    default = dict(method='pmal', split=split_index, seed=0, T=10, U=2, eps=0.7, delta=0.5, lambda_p=1.0,
+                   quality='robustness', diversity='algorithm1', distance='point_to_set')  # Table 1's PMAL run
+    runs = [r for r in store.records() if r['status'] == 'done'
+            and all(r['settings'][k] == v for k, v in default.items())]
     s = runs[0]['settings']
     split = downsample_split(load_openset('tinyimagenet', split_index, root=data_root), load_profile(s['profile']).image_size)
     work = store.work_dir(runs[0]['key'])

@@ -6,14 +6,19 @@ training images per second (data images only: phase 2's prototype images are ove
 
 Levers:
   fp32            float32, default memory format, eager (the old CPU path)
+  fp32_cl         + Recipe(channels_last=True), still float32 (the tiny_cpu_fp32 profile)
+  fp32_cl_compile + Recipe(compile=True)
   bf16            + Recipe(amp=True): bf16 autocast on the CPU (AMX-BF16 units where the CPU has them)
   bf16_cl         + Recipe(channels_last=True)
   bf16_cl_compile + Recipe(compile=True): torch.compile (inductor, C++ backend)
-Phase 2 (PMAL's criterion with K x T prototype images through the current model each step), on bf16_cl:
+Phase 2 (PMAL's criterion with K x T prototype images through the current model each step), on the fastest eager
+lever of the run (bf16_cl on a CPU with bf16 units, fp32_cl on one without):
   p2_batch        proto_bn='batch': a second forward/backward pass over the K x T prototypes (the default)
   p2_joint        proto_bn='joint': data batch and prototypes in one pass
   p2_nograd       proto_bn='batch', proto_grad=False: the prototype pass without gradient
-Determinism: the bf16_cl configuration is run twice from the same seed; the two weight sets must be identical.
+Determinism: that lever is run twice from the same seed; the two weight sets must be identical.
+The first line names the CPU and whether it has bf16 units (pmal.train.cpu_has_bf16_units: AVX512-BF16 or AMX on x86):
+without them bf16 is emulated and far slower than float32.
 
 Usage:
   python benchmarks/bench_cpu_levers.py                       # the default matrix (about 5 minutes on 2 cores)
@@ -35,10 +40,12 @@ from pmal.data import ImageSet
 from pmal.files import write_json_atomic
 from pmal.models import create_model
 from pmal.pipeline import PMALConfig, PMALCriterion
-from pmal.train import Recipe, SoftmaxCriterion, make_step, prepare_training
+from pmal.train import Recipe, SoftmaxCriterion, cpu_has_bf16_units, make_step, prepare_training
 
-LEVERS = dict(fp32={}, bf16=dict(amp=True), bf16_cl=dict(amp=True, channels_last=True),
+LEVERS = dict(fp32={}, fp32_cl=dict(channels_last=True), fp32_cl_compile=dict(channels_last=True, compile=True),
+              bf16=dict(amp=True), bf16_cl=dict(amp=True, channels_last=True),
               bf16_cl_compile=dict(amp=True, channels_last=True, compile=True))
+EAGER = ('fp32', 'fp32_cl', 'bf16', 'bf16_cl')  # the candidates for the phase-2 lever (no compilation)
 PHASE2 = dict(p2_batch=dict(proto_bn='batch'), p2_joint=dict(proto_bn='joint'),
               p2_nograd=dict(proto_bn='batch', proto_grad=False))
 MEAN, STD = (0.48, 0.45, 0.40), (0.28, 0.27, 0.28)
@@ -75,6 +82,20 @@ def throughput(backbone, side, lever, phase2=None, steps=10, warmup=3, batch=128
     return batch * steps / seconds, [t.detach().clone() for t in model.state_dict().values()]
 
 
+def cpu_name():
+    "The CPU's model name (Linux /proc/cpuinfo), else platform.processor()."
+    try: lines = Path('/proc/cpuinfo').read_text().splitlines()
+    except OSError: lines = []
+    names = [l.split(':', 1)[1].strip() for l in lines if l.startswith('model name')]
+    return names[0] if names else platform.processor() or platform.machine()
+
+
+def fastest_eager(rows, backbone, side):
+    "The fastest lever without compilation measured so far for (backbone, side)."
+    sel = [r for r in rows if (r['backbone'], r['side'], r['phase2']) == (backbone, side, None) and r['lever'] in EAGER]
+    return max(sel, key=lambda r: r['img_per_s'])['lever']
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--backbones', nargs='+', default=['classifier32', 'classifier32_small'])
@@ -86,7 +107,8 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.threads: torch.set_num_threads(a.threads)
     sides = [32] if a.quick else a.sides
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu_name()}, bf16 units: "
+          f"{ {True: 'yes', False: 'no (bf16 is emulated)', None: 'unknown'}[cpu_has_bf16_units()] }, "
           f"batch 128, {a.steps} timed steps per configuration")
     rows = []
     def run(backbone, side, lever, phase2=None):
@@ -96,23 +118,24 @@ def main(argv=None):
     for backbone in a.backbones:
         for side in sides:
             if side == 64 and backbone != 'classifier32': continue
-            levers = ['fp32', 'bf16_cl'] if a.quick or side == 64 else list(LEVERS)
+            levers = ['fp32', 'fp32_cl', 'bf16_cl'] if a.quick or side == 64 else list(LEVERS)
             for lever in levers: run(backbone, side, lever)
             if side == 32:
-                for phase2 in PHASE2: run(backbone, side, 'bf16_cl', phase2)
-    # determinism of the chosen lever on the CPU
-    _, w1 = throughput(a.backbones[-1], 32, 'bf16_cl', steps=2, warmup=1)
-    _, w2 = throughput(a.backbones[-1], 32, 'bf16_cl', steps=2, warmup=1)
+                for phase2 in PHASE2: run(backbone, side, fastest_eager(rows, backbone, side), phase2)
+    # determinism of the fastest eager lever on the CPU
+    lever = fastest_eager(rows, a.backbones[-1], 32)
+    _, w1 = throughput(a.backbones[-1], 32, lever, steps=2, warmup=1)
+    _, w2 = throughput(a.backbones[-1], 32, lever, steps=2, warmup=1)
     same = all(torch.equal(x, y) for x, y in zip(w1, w2))
-    print(f"bf16_cl twice from one seed ({a.backbones[-1]}, 3 steps): weights identical: {same}")
+    print(f"{lever} twice from one seed ({a.backbones[-1]}, 3 steps): weights identical: {same}")
     print("\nside by side (img/s):")
     for backbone in a.backbones:
         for side in sides:
             sel = [r for r in rows if r['backbone'] == backbone and r['side'] == side]
             if sel: print(f"  {backbone} {side} px: " + ', '.join(f"{r['phase2'] or r['lever']} {r['img_per_s']:.0f}" for r in sel))
     if a.json:
-        write_json_atomic(dict(torch=torch.__version__, threads=torch.get_num_threads(), cpu=platform.processor(),
-                               rows=rows, deterministic=same), a.json)
+        write_json_atomic(dict(torch=torch.__version__, threads=torch.get_num_threads(), cpu=cpu_name(),
+                               bf16_units=cpu_has_bf16_units(), rows=rows, deterministic=same), a.json)
 
 
 if __name__ == '__main__':

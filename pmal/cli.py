@@ -42,7 +42,7 @@ RUN_PARAMETERS = tuple(f.name for f in fields(RunSettings))
 # %% ../nbs/29_cli.ipynb #1158393a
 PROFILE_KEYS = ('base', 'description', 'recipe', 'pmal', 'sizes', 'epochs', 'backbone', 'lr_step_fraction', 'seed',
                 'tsne_samples', 'image_size')
-PROFILE_NAMES = ('paper', 'paper_fast', 'quick', 'tiny_cpu')  # the keys of pmal.settings.PROFILES
+PROFILE_NAMES = ('paper', 'paper_fast', 'quick', 'tiny_cpu', 'tiny_cpu_fp32')  # the keys of pmal.settings.PROFILES
 DEMO = dict(datasets=['digits'], splits=[0, 1, 2], profile='quick', targets=('table1', 'table3', 'fig4a', 'fig5a'))
 SUBCOMMANDS = ('demo', 'run', 'report')
 INTERRUPTED = 'pmal-reproduce: interrupted; rerun the same command to resume'
@@ -83,7 +83,7 @@ def _parser():
     p.add_argument('--splits', type=int, nargs='+', help="split indices (default: tables every split a data set has, up to 5; figures 0)")
     p.add_argument('--seeds', type=int, nargs='+', help='seeds (default 0; Fig. 4(b): 0 1 2)')
     p.add_argument('--backbone', help='backbone for every run (default: by the profile, from the image size)')
-    p.add_argument('--profile', default='quick', help="'paper', 'paper_fast' (GPU), 'quick', 'tiny_cpu' or a YAML file (default quick)")
+    p.add_argument('--profile', default='quick', help="'paper', 'paper_fast' (GPU), 'quick', 'tiny_cpu' (CPU with bf16 units), 'tiny_cpu_fp32' (other CPUs) or a YAML file (default quick)")
     p.add_argument('--data-root', help='folder with the data sets (default $PMAL_DATA)')
     p.add_argument('--download', action='store_true',
                    help='download the data sets that are missing first (mnist, svhn, cifar10, cifar+10/50, tinyimagenet)')

@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['TEMPLATES', 'template_dir', 'template_parameters', 'check_template_parameters', 'run_notebook', 'run_all',
-           'build_reports', 'list_commands', 'reproduce', 'run_command']
+           'build_reports', 'list_commands', 'warn_slow_cpu', 'reproduce', 'run_command']
 
 # %% ../nbs/36_driver.ipynb #65168032
 import json, os, shlex, sys, threading, time
@@ -15,7 +15,8 @@ from pathlib import Path
 import pmal
 from .files import RunLock
 from .data import DOWNLOADABLE, DataNotFoundError, check_data
-from .settings import PROFILES, resolve_settings, run_key, work_key, describe
+from .settings import PROFILES, resolve_settings, run_key, work_key, describe, run_recipe
+from .train import cpu_bf16_warning
 from .store import ResultsStore
 from .run import HELD_LOCK, error_record, show_record
 from .targets import make_request, grid, unique_runs
@@ -106,9 +107,10 @@ def _done_since(record, since):
     except (KeyError, ValueError): return False
 
 # %% ../nbs/36_driver.ipynb #ba87a7f2
-def run_notebook(params, force=False, templates=None, wait=True, log=print, since=None):
+def run_notebook(params, force=False, templates=None, wait=True, log=print, since=None, warn_slow=False):
     """Run one set of run parameters through run.ipynb (skipped when done unless `force`); returns (status, record).
-    The run is claimed by its lock; when another process holds it: `wait` for it, or return ('locked', {key, name, owner})."""
+    The run is claimed by its lock; when another process holds it: `wait` for it, or return ('locked', {key, name, owner}).
+    `warn_slow`: log `warn_slow_cpu`'s warning first (a single run; a grid logs it once for all its runs)."""
     template = template_dir(templates) / 'run.ipynb'
     params = _absolute({k: v for k, v in params.items() if v is not None})
     unknown = sorted(set(params) - set(template_parameters(template)))
@@ -117,6 +119,7 @@ def run_notebook(params, force=False, templates=None, wait=True, log=print, sinc
     store, key = ResultsStore(s.out_dir), run_key(s)
     if not force and store.status(key) == 'done': return 'skipped', store.load(key)
     check_data(s.dataset, s.data_root)  # before a kernel starts
+    if warn_slow: warn_slow_cpu([s], force, log)
     lock = RunLock(store.lock_path(key))
     if not lock.acquire():
         if not wait: return 'locked', dict(key=key, name=describe(s), owner=lock.owner())
@@ -240,6 +243,16 @@ def _data_ready(runs, download=False, force=False, log=print, check=True):
         except DataNotFoundError as e: missing.append(str(e))
     if missing: raise DataNotFoundError(' | '.join(missing))
 
+# %% ../nbs/36_driver.ipynb #7bff9a8a
+def warn_slow_cpu(runs, force=False, log=print, has_units=None):
+    "Log, once, why runs still to do will train slowly here (bf16 autocast on a CPU without bf16 units); returns the text or None."
+    todo = [s for s in runs if force or ResultsStore(s.out_dir).status(run_key(s)) != 'done']
+    slow = [why for s in todo if (why := cpu_bf16_warning(run_recipe(s), s.device, has_units))]
+    if not slow: return None
+    text = f"warning: {len(slow)} of the {len(todo)} run(s) to do: {slow[0]}"
+    log(text)
+    return text
+
 # %% ../nbs/36_driver.ipynb #9a24529f
 def reproduce(requests, out='runs', data_root=None, device=None, force=False, templates=None, list_only=False,
               report_only=False, log=print, download=False):
@@ -252,6 +265,7 @@ def reproduce(requests, out='runs', data_root=None, device=None, force=False, te
     if list_only:
         for cmd in list_commands(runs, store.root, templates): log(cmd)
         return 0
+    if not report_only: warn_slow_cpu(runs, force, log)
     failed = [] if report_only else run_all(runs, force, templates, log)
     try: paths = build_reports(store, requests, templates, log)
     except Exception as e:
@@ -272,7 +286,7 @@ def _run_one(args, log=print):
     if args.download:
         s = resolve_settings(**_absolute({k: v for k, v in params.items() if v is not None}))
         _data_ready([s], download=True, force=True, log=log)
-    status, record = run_notebook(params, args.force, args.templates, log=log)
+    status, record = run_notebook(params, args.force, args.templates, log=log, warn_slow=True)
     if status in ('done', 'skipped'): show_record(record)
     log(f"{status}: {record['name']} -> {ResultsStore(args.out).record_path(record['key'])}")
     if status == 'error': log(record['error'])

@@ -50,7 +50,7 @@ def _auroc_text(store, cell, short=False):
     m = get_method(method)
     rule = m.rule if cell.rule == method else cell.rule
     words = (RULE_WORDS.get(rule, rule) + (', own scores' if m.own_scores else '') if short
-             else 'under ' + rule_name(method, cell.rule))
+             else 'under ' + rule_name(method, cell.rule, cell.settings.distance))
     text = 'n/a' if a is None else f'{a:.1f}'
     return f"AUROC {text} ({words})" if short else f"AUROC {text} {words}"
 

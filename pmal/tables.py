@@ -46,7 +46,7 @@ def table_rows(store, cells):
         invalid = [c.invalid for c in group if c.settings is None]
         refs = group[0].paper
         ref_ds = next((e['dataset'] for e in refs.values()), None)
-        out = dict(row=row, rule=rule_name(group[0].settings.method, group[0].rule) if group[0].settings else group[0].rule,
+        out = dict(row=row, rule=rule_name(group[0].settings.method, group[0].rule, group[0].settings.distance) if group[0].settings else group[0].rule,
                    dataset=column, runs=f"{len(done)}/{len(group)}", status=_status(len(group), done, lacking, invalid, failed),
                    error=(invalid + failed + lacking or [''])[0])
         if done: ms = summarize([{m: 100 * r['metrics'][f'{c.rule}_{m}'] for m in METRICS} for c, r in done])
@@ -112,7 +112,7 @@ def _rule_note():
     ref = ', '.join(f"{m.upper()} = {RULE_WORDS[get_method(m).rule]}" for m in ('gcpl', 'rpl', 'arpl'))
     return ("Each row names the rule it reads. GCPL, RPL and ARPL are scored from their own class scores, never from a "
             f"linear head; their reference rules (pmal.methods, as in the ARPL reference code): {ref}. "
-            "DR = min point-to-set distance, PR = PMAL's max softmax probability. OSCR: open-set classification rate "
+            "DR = min point-to-set distance (in the rows that ablate it, min nearest-prototype distance), PR = PMAL's max softmax probability. OSCR: open-set classification rate "
             "(Dhamija et al.).")
 
 # %% ../nbs/34_tables.ipynb #3c353154
@@ -176,13 +176,31 @@ def _paired_notes(store, request, cells):
                                + '; '.join(parts) + '.')
     return notes
 
+# %% ../nbs/34_tables.ipynb #28952df1
+def _machine_notes(store, cells, listed=8):
+    "A note when a table's finished runs come from more than one machine (a GPU's name, else the CPU's), naming the runs off the most common one."
+    runs = {}  # run key -> (machine, 'row, split s'): a run read by two rows counts once
+    for c in cells:
+        if c.settings is not None and _usable(c, r := store.load(c.key)):
+            hw = r.get('hardware') or {}
+            runs.setdefault(c.key, (hw.get('gpu') or hw.get('cpu') or 'unknown', f"{c.row}, split {c.settings.split}"))
+    machines = {}
+    for machine, where in runs.values(): machines.setdefault(machine, []).append(where)
+    if len(machines) < 2: return []
+    common = max(machines, key=lambda m: len(machines[m]))
+    others = '; '.join(f"{m}: " + ('; '.join(w) if len(w) <= listed else f"{len(w)} runs")
+                       for m, w in machines.items() if m != common)
+    return [f"Machines (each record's hardware): {len(machines[common])} of the {len(runs)} runs on {common}; the others on "
+            f"{others}. One seed gives the same weights on one machine, not across machines of different arithmetic."]
+
 # %% ../nbs/34_tables.ipynb #f409383f
 def write_table(store, request, cells=None):
     "Build one table request from the store; write <stem>.md and .csv under tables/; returns (markdown, paths)."
     cells = grid(request, store.root) if cells is None else cells
     rows = table_rows(store, cells)
     md = table_markdown(TABLE_TITLES[request['target']] + f" — {', '.join(request['datasets'])}", rows,
-                        _table_notes(request, cells) + _paired_notes(store, request, cells))
+                        _table_notes(request, cells) + _paired_notes(store, request, cells)
+                        + _machine_notes(store, cells))
     stem = store.tables_dir / request_stem(request)
     with atomic_write(stem.with_suffix('.md'), 'w') as f: f.write(md)
     with atomic_write(stem.with_suffix('.csv'), 'w', newline='') as f:

@@ -91,13 +91,15 @@ def other_rule(method):
     return 'mls' if get_method(method).rule == 'msp' else 'msp'
 
 # %% ../nbs/33_targets.ipynb #542ba8be
-def rule_name(method, rule):
-    "The rejection rule a cell reads, in words: one name per rule in every table, note and figure title."
+def rule_name(method, rule, distance=None):
+    "The rejection rule a cell reads, in words: one name per rule in every table, note and figure title; `distance`: PMAL's (DR reads it)."
     m = get_method(get_method(method).scored_as)
     if m.own_scores:  # scored from the method's own class scores, never from a linear head
         rule = m.rule if rule == m.name else rule
         return f"{RULE_WORDS[rule]} of its own scores" + (' (reference rule)' if rule == m.rule else '')
-    if m.name == 'pmal': return dict(dr='DR: ' + RULE_WORDS['dr'], msp='PR: max probability').get(rule, RULE_WORDS.get(rule, rule))
+    if m.name == 'pmal':
+        dr = 'DR: ' + (RULE_WORDS['dr'] if distance in (None, 'point_to_set') else 'min nearest-prototype distance')
+        return dict(dr=dr, msp='PR: max probability').get(rule, RULE_WORDS.get(rule, rule))
     return RULE_WORDS.get(rule, rule)
 
 # (row, method, rule read, the paper's row or None); 'RPL'/'ARPL' read the reference rule, the rows after them the other

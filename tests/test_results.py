@@ -31,3 +31,15 @@ def test_readme_tinyimagenet_rows_match_the_committed_table():
             cells = [c.strip() for c in line.split('|')]
             acc, auroc = cells[5], cells[8]
             assert f"| {acc} | {auroc} |" in readme, (acc, auroc)
+
+
+def test_a_table_from_two_machines_names_the_runs_off_the_common_one(tmp_path):
+    "Table 3 (split 0) mixes an AMD EPYC and a Xeon run: its note says which ran where, as the committed table does."
+    from pmal.tables import write_table
+    from pmal.targets import make_request
+    store = tmp_path / 'tiny_cpu'
+    shutil.copytree(RESULTS / 'tiny_cpu' / 'records', store / 'records')
+    md, _ = write_table(ResultsStore(store), make_request('table3', ['tinyimagenet'], [0], profile='tiny_cpu'))
+    note = next(line for line in md.splitlines() if line.startswith('* Machines'))
+    assert 'on AMD EPYC; the others on Intel(R) Xeon(R) Processor: (d) diversity + point-to-set, split 0.' in note
+    assert '| (a) quality | DR: min nearest-prototype distance |' in md  # row (a) rejects by its own, nearest, distance

@@ -384,3 +384,29 @@ def test_a_truncated_checkpoint_is_named_set_aside_and_its_stage_trained_again(t
     import pmal.train
     with pytest.raises(pmal.train.CheckpointError, match=r'model.pt.damaged is damaged or not a pmal checkpoint'):
         pmal.train.read_checkpoint(tmp_path / 'model.pt.damaged')
+
+
+@pytest.mark.parametrize('units, amp, warns', [(False, True, True), (True, True, False), (False, False, False)])
+def test_bf16_on_a_cpu_without_bf16_units_warns_before_training(split, monkeypatch, units, amp, warns):
+    "bf16 autocast is emulated (about 10x slower than float32) on an x86 CPU without AVX512-BF16 or AMX: fit says so."
+    import platform
+    import warnings
+    from pmal.train import SlowBF16Warning, cpu_has_bf16_units
+    monkeypatch.setattr(platform, 'machine', lambda: 'x86_64')
+    monkeypatch.setattr(torch.cpu, '_is_avx512_bf16_supported', lambda: units)
+    monkeypatch.setattr(torch.cpu, '_is_amx_tile_supported', lambda: False)
+    assert cpu_has_bf16_units() is units
+    recipe = dataclasses.replace(TINY, epochs=1, amp=amp)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        fit(digits_net(6), batches_of(split, recipe), recipe, progress=False)
+    slow = [w for w in caught if issubclass(w.category, SlowBF16Warning)]
+    assert len(slow) == int(warns)
+    if warns: assert 'tiny_cpu_fp32' in str(slow[0].message) and slow[0].filename == __file__  # points at the caller
+
+
+def test_bf16_units_are_unknown_off_x86(monkeypatch):
+    import platform
+    from pmal.train import cpu_bf16_warning, cpu_has_bf16_units
+    monkeypatch.setattr(platform, 'machine', lambda: 'arm64')
+    assert cpu_has_bf16_units() is None and cpu_bf16_warning(Recipe(amp=True)) is None

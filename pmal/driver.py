@@ -243,7 +243,7 @@ def _data_ready(runs, download=False, force=False, log=print, check=True):
         except DataNotFoundError as e: missing.append(str(e))
     if missing: raise DataNotFoundError(' | '.join(missing))
 
-# %% ../nbs/36_driver.ipynb #7bff9a8a
+# %% ../nbs/36_driver.ipynb #f1d0389b
 def warn_slow_cpu(runs, force=False, log=print, has_units=None):
     "Log, once, why runs still to do will train slowly here (bf16 autocast on a CPU without bf16 units); returns the text or None."
     todo = [s for s in runs if force or ResultsStore(s.out_dir).status(run_key(s)) != 'done']

@@ -78,14 +78,14 @@ def make_scheduler(optimizer, recipe: Recipe):
     "StepLR: lr * lr_gamma every lr_step epochs (stepped once per epoch)."
     return torch.optim.lr_scheduler.StepLR(optimizer, step_size=recipe.lr_step, gamma=recipe.lr_gamma)
 
-# %% ../nbs/02_train.ipynb #61f5949d
+# %% ../nbs/02_train.ipynb #9c90fa58
 def cpu_has_bf16_units():
     "True if this x86 CPU has bf16 units (AVX512-BF16 or AMX), False if it has none, None where torch cannot tell (other architectures)."
     probes = [getattr(torch.cpu, name, None) for name in ('_is_avx512_bf16_supported', '_is_amx_tile_supported')]
     if platform.machine().lower() not in ('x86_64', 'amd64') or None in probes: return None
     return any(probe() for probe in probes)
 
-# %% ../nbs/02_train.ipynb #21a02884
+# %% ../nbs/02_train.ipynb #99475974
 class SlowBF16Warning(UserWarning):
     "bf16 autocast asked for on a CPU that emulates bf16 (about 12x slower than float32)."
 

@@ -26,7 +26,6 @@ Usage:
 Not a unit test: numbers depend on the machine and on what else runs on it; keep the machine otherwise idle.
 """
 import argparse
-import platform
 import sys
 import time
 from dataclasses import replace
@@ -40,6 +39,7 @@ from pmal.data import ImageSet
 from pmal.files import write_json_atomic
 from pmal.models import create_model
 from pmal.pipeline import PMALConfig, PMALCriterion
+from pmal.run import hardware
 from pmal.train import Recipe, SoftmaxCriterion, cpu_has_bf16_units, make_step, prepare_training
 
 LEVERS = dict(fp32={}, fp32_cl=dict(channels_last=True), fp32_cl_compile=dict(channels_last=True, compile=True),
@@ -82,14 +82,6 @@ def throughput(backbone, side, lever, phase2=None, steps=10, warmup=3, batch=128
     return batch * steps / seconds, [t.detach().clone() for t in model.state_dict().values()]
 
 
-def cpu_name():
-    "The CPU's model name (Linux /proc/cpuinfo), else platform.processor()."
-    try: lines = Path('/proc/cpuinfo').read_text().splitlines()
-    except OSError: lines = []
-    names = [l.split(':', 1)[1].strip() for l in lines if l.startswith('model name')]
-    return names[0] if names else platform.processor() or platform.machine()
-
-
 def fastest_eager(rows, backbone, side):
     "The fastest lever without compilation measured so far for (backbone, side)."
     sel = [r for r in rows if (r['backbone'], r['side'], r['phase2']) == (backbone, side, None) and r['lever'] in EAGER]
@@ -107,7 +99,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.threads: torch.set_num_threads(a.threads)
     sides = [32] if a.quick else a.sides
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu_name()}, bf16 units: "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {hardware('cpu')['cpu']}, bf16 units: "
           f"{ {True: 'yes', False: 'no (bf16 is emulated)', None: 'unknown'}[cpu_has_bf16_units()] }, "
           f"batch 128, {a.steps} timed steps per configuration")
     rows = []
@@ -134,7 +126,7 @@ def main(argv=None):
             sel = [r for r in rows if r['backbone'] == backbone and r['side'] == side]
             if sel: print(f"  {backbone} {side} px: " + ', '.join(f"{r['phase2'] or r['lever']} {r['img_per_s']:.0f}" for r in sel))
     if a.json:
-        write_json_atomic(dict(torch=torch.__version__, threads=torch.get_num_threads(), cpu=cpu_name(),
+        write_json_atomic(dict(torch=torch.__version__, threads=torch.get_num_threads(), cpu=hardware('cpu')['cpu'],
                                bf16_units=cpu_has_bf16_units(), rows=rows, deterministic=same), a.json)
 
 

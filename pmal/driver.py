@@ -226,10 +226,13 @@ def _requests(args):
     return [make_request(t, args.dataset, args.splits, seeds, args.backbone, args.profile) for t in targets]
 
 # %% ../nbs/36_driver.ipynb #446cfb7a
+def _todo(runs, force=False):
+    "The runs that are not done (all of them with `force`)."
+    return [s for s in runs if force or ResultsStore(s.out_dir).status(run_key(s)) != 'done']
+
 def _data_ready(runs, download=False, force=False, log=print, check=True):
     "Download (if asked) and check the data of every run still to do, once per data set: one error naming all that is missing."
-    todo = [s for s in runs if force or ResultsStore(s.out_dir).status(run_key(s)) != 'done']
-    wanted = list(dict.fromkeys((s.dataset, s.data_root) for s in todo))
+    wanted = list(dict.fromkeys((s.dataset, s.data_root) for s in _todo(runs, force)))
     if download:
         for name, root in wanted:
             if name not in DOWNLOADABLE: continue
@@ -246,7 +249,7 @@ def _data_ready(runs, download=False, force=False, log=print, check=True):
 # %% ../nbs/36_driver.ipynb #f1d0389b
 def warn_slow_cpu(runs, force=False, log=print, has_units=None):
     "Log, once, why runs still to do will train slowly here (bf16 autocast on a CPU without bf16 units); returns the text or None."
-    todo = [s for s in runs if force or ResultsStore(s.out_dir).status(run_key(s)) != 'done']
+    todo = _todo(runs, force)
     slow = [why for s in todo if (why := cpu_bf16_warning(run_recipe(s), s.device, has_units))]
     if not slow: return None
     text = f"warning: {len(slow)} of the {len(todo)} run(s) to do: {slow[0]}"

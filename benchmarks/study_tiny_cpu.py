@@ -8,10 +8,14 @@ and 20% of the other 15 classes' training images as pseudo-known test images (6,
   bn      PMAL's phase 2 with each BatchNorm mode of the prototype pass (proto_bn) from one shared phase 1
   scaling for the phase-1 models of a finished PMAL run in a results store: how well r predicts M1's correctness on
           the training images (the claim of Fig. 4(a)) under each scaling of Eq. 7
+  prototypes  where each finished PMAL run of a store put its prototypes, from the runs' figure data (no data, no
+          training): their mean quality score q (r, or the run's quality rule) against the candidates', their spread and
+          their distance from the class centre in M1's centred logits (the space Algorithm 1 measures diversity in)
 
 Usage: python benchmarks/study_tiny_cpu.py recipe classifier32_small:40:0.7:0.001:15 --data-root DATA
        python benchmarks/study_tiny_cpu.py bn --epochs 40 --data-root DATA
        python benchmarks/study_tiny_cpu.py scaling --store results/tiny_cpu --data-root DATA
+       python benchmarks/study_tiny_cpu.py prototypes --store results/tiny_cpu_fp32
 Results print to stdout (the logs in benchmarks/measured/ are its output).
 """
 import argparse
@@ -103,9 +107,39 @@ def study_scaling(store, data_root, split_index=0):
         print(f"Spearman(r[{a}], r[median]) {spearmanr(rs[a].numpy(), rs['median'].numpy()).statistic:.3f}")
 
 
+def prototype_placement(d):
+    "Class means of: the prototypes' quality score, the candidates', their pairwise distance, their distance to the class centre / the candidates'."
+    import numpy as np
+    c, r, labels, candidates, indices = d['train_c'].astype(np.float64), d['r'], d['labels'], d['candidates'], d['indices']
+    rows = []
+    for k, pick in enumerate(indices):
+        pool = c[candidates & (labels == k)]
+        centre = pool.mean(0)
+        x = c[pick]
+        pairwise = np.sqrt(((x[:, None] - x[None]) ** 2).sum(-1))[np.triu_indices(len(x), 1)].mean()
+        from_centre = np.sqrt(((x - centre) ** 2).sum(-1)).mean() / np.sqrt(((pool - centre) ** 2).sum(-1)).mean()
+        rows.append((r[pick].mean(), r[candidates & (labels == k)].mean(), pairwise, from_centre))
+    return np.mean(rows, 0)
+
+
+def study_prototypes(store, split_index=0):
+    "Where the mining rules of the store's finished PMAL runs on one split put the prototypes (figure data only)."
+    from pmal.store import ResultsStore
+    from pmal.figures import load_figure_data
+    store = ResultsStore(store)
+    runs = [r for r in store.records() if r['status'] == 'done' and r['settings']['method'] == 'pmal'
+            and r['settings']['split'] == split_index and 'figure_data' in (r.get('artifacts') or {})]
+    print(f"{'run':<44} {'quality':<16} {'diversity':<10} {'eps':>4} {'T':>3}  q(protos) q(cands) pairwise  centre ratio  DR AUROC")
+    for rec in sorted(runs, key=lambda r: r['key']):
+        s = rec['settings']
+        r_p, r_c, pairwise, ratio = prototype_placement(load_figure_data(store, rec['key']))
+        print(f"{rec['key']:<44} {s['quality']:<16} {s['diversity']:<10} {s['eps']:>4} {s['T']:>3}  {r_p:9.3f} {r_c:8.3f} "
+              f"{pairwise:8.2f}  {ratio:12.2f}  {100 * rec['metrics']['dr_auroc']:8.1f}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('study', choices=('recipe', 'bn', 'scaling'))
+    p.add_argument('study', choices=('recipe', 'bn', 'scaling', 'prototypes'))
     p.add_argument('specs', nargs='*')
     p.add_argument('--data-root', default=None)
     p.add_argument('--epochs', type=int, default=40)
@@ -113,7 +147,8 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.study == 'recipe': study_recipe(a.specs, a.data_root)
     elif a.study == 'bn': study_bn(a.epochs, a.data_root)
-    else: study_scaling(a.store, a.data_root)
+    elif a.study == 'scaling': study_scaling(a.store, a.data_root)
+    else: study_prototypes(a.store)
 
 
 if __name__ == '__main__':

@@ -116,7 +116,8 @@ def prototype_placement(d):
         pool = c[candidates & (labels == k)]
         centre = pool.mean(0)
         x = c[pick]
-        pairwise = np.sqrt(((x[:, None] - x[None]) ** 2).sum(-1))[np.triu_indices(len(x), 1)].mean()
+        pairs = np.sqrt(((x[:, None] - x[None]) ** 2).sum(-1))[np.triu_indices(len(x), 1)]
+        pairwise = pairs.mean() if len(pairs) else np.nan  # one prototype per class (T = 1): no pairs
         from_centre = np.sqrt(((x - centre) ** 2).sum(-1)).mean() / np.sqrt(((pool - centre) ** 2).sum(-1)).mean()
         rows.append((r[pick].mean(), r[candidates & (labels == k)].mean(), pairwise, from_centre))
     return np.mean(rows, 0)

@@ -36,3 +36,11 @@ def test_prototypes_at_the_centre_and_the_candidates_themselves(study):
     assert np.isclose(study.prototype_placement(figure_data([[2, 2], [7, 7]]))[3], 0.)
     whole = study.prototype_placement(figure_data([[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]))
     assert np.isclose(whole[3], 1.) and np.isclose(whole[0], whole[1])
+
+
+def test_one_prototype_per_class_has_no_pairwise_distance(study):
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # numpy's 'Mean of empty slice' would fail here
+        r_p, _, pairwise, ratio = study.prototype_placement(figure_data([[4], [9]]))
+    assert np.isnan(pairwise) and np.isclose(ratio, 2. / 1.2) and np.isclose(r_p, .5)

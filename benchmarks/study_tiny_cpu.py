@@ -110,31 +110,32 @@ def study_scaling(store, data_root, split_index=0):
 def prototype_placement(d):
     "Class means of: the prototypes' quality score, the candidates', their pairwise distance, their distance to the class centre / the candidates'."
     import numpy as np
-    c, r, labels, candidates, indices = d['train_c'].astype(np.float64), d['r'], d['labels'], d['candidates'], d['indices']
+    from scipy.spatial.distance import pdist
+    c, q = d['train_c'].astype(np.float64), d['r']
     rows = []
-    for k, pick in enumerate(indices):
-        pool = c[candidates & (labels == k)]
-        centre = pool.mean(0)
-        x = c[pick]
-        pairs = np.sqrt(((x[:, None] - x[None]) ** 2).sum(-1))[np.triu_indices(len(x), 1)]
+    for k, pick in enumerate(d['indices']):
+        members = d['candidates'] & (d['labels'] == k)
+        centre = c[members].mean(0)
+        from_centre = lambda x: np.linalg.norm(x - centre, axis=1).mean()
+        pairs = pdist(c[pick])
         pairwise = pairs.mean() if len(pairs) else np.nan  # one prototype per class (T = 1): no pairs
-        from_centre = np.sqrt(((x - centre) ** 2).sum(-1)).mean() / np.sqrt(((pool - centre) ** 2).sum(-1)).mean()
-        rows.append((r[pick].mean(), r[candidates & (labels == k)].mean(), pairwise, from_centre))
+        rows.append((q[pick].mean(), q[members].mean(), pairwise, from_centre(c[pick]) / from_centre(c[members])))
     return np.mean(rows, 0)
 
 
 def study_prototypes(store, split_index=0):
-    "Where the mining rules of the store's finished PMAL runs on one split put the prototypes (figure data only)."
+    "Where the mining rules of the store's finished PMAL runs on one split put the prototypes (runs with figure data only)."
     from pmal.store import ResultsStore
     from pmal.figures import load_figure_data
     store = ResultsStore(store)
-    runs = [r for r in store.records() if r['status'] == 'done' and r['settings']['method'] == 'pmal'
-            and r['settings']['split'] == split_index and 'figure_data' in (r.get('artifacts') or {})]
+    runs = [r for r in store.records() if r['settings']['method'] == 'pmal' and r['settings']['split'] == split_index]
     print(f"{'run':<44} {'quality':<16} {'diversity':<10} {'eps':>4} {'T':>3}  q(protos) q(cands) pairwise  centre ratio  DR AUROC")
     for rec in sorted(runs, key=lambda r: r['key']):
+        d = load_figure_data(store, rec['key'])  # None: not done, or its figure data is not on this machine
+        if d is None: continue
         s = rec['settings']
-        r_p, r_c, pairwise, ratio = prototype_placement(load_figure_data(store, rec['key']))
-        print(f"{rec['key']:<44} {s['quality']:<16} {s['diversity']:<10} {s['eps']:>4} {s['T']:>3}  {r_p:9.3f} {r_c:8.3f} "
+        q_protos, q_cands, pairwise, ratio = prototype_placement(d)
+        print(f"{rec['key']:<44} {s['quality']:<16} {s['diversity']:<10} {s['eps']:>4} {s['T']:>3}  {q_protos:9.3f} {q_cands:8.3f} "
               f"{pairwise:8.2f}  {ratio:12.2f}  {100 * rec['metrics']['dr_auroc']:8.1f}")
 
 

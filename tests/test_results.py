@@ -33,6 +33,19 @@ def test_readme_tinyimagenet_rows_match_the_committed_table():
             assert f"| {acc} | {auroc} |" in readme, (acc, auroc)
 
 
+
+def test_results_page_float32_table4_rows_match_the_committed_table():
+    "The results page's hand-laid Table 4 (float32, with each run's time) carries the committed table's ACC, AUROC and paper numbers."
+    table = (RESULTS / 'tiny_cpu_fp32' / 'tables' / 'table4_tinyimagenet_tiny_cpu_fp32.md').read_text()
+    page = (RESULTS / 'tinyimagenet.md').read_text().splitlines()
+    rows = [[c.strip() for c in line.split('|')] for line in table.splitlines() if line.startswith('| quality:')
+            or line.startswith('| diversity:') or line.startswith('| ours')]
+    assert len(rows) == 6
+    for cells in rows:
+        row, acc, acc_paper, auroc, auroc_paper = cells[1], cells[5], cells[6], cells[8], cells[9]
+        mine = [line for line in page if line.startswith(f'| {row}')]
+        assert any(f"| {acc} | {auroc} | {acc_paper} / {auroc_paper} |" in line for line in mine), (row, acc, auroc)
+
 def test_a_table_from_two_machines_names_the_runs_off_the_common_one(tmp_path):
     "Table 3 (split 0) mixes an AMD EPYC and a Xeon run: its note says which ran where, as the committed table does."
     from pmal.tables import write_table

@@ -10,7 +10,7 @@ __all__ = ['FIGURES', 'load_figure_data', 'cell_auroc', 'figure_3b', 'figure_4a'
 import numpy as np
 import torch
 
-from .files import atomic_write, write_json_atomic
+from .files import atomic_write
 from .mining import embedding_2d
 from .methods import get_method, RULE_WORDS
 from .settings import describe
@@ -247,5 +247,5 @@ def make_figures(store, requests=None):
     out = []
     for r in latest_requests(requests if requests is not None else store.requests(), 'fig'):
         out += [str(p) for p in write_figure(store, r)]
-    write_json_atomic(out, store.root / 'figures.json')
+    store.write_manifest('figures.json', out)
     return out

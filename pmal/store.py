@@ -65,3 +65,7 @@ class ResultsStore:
         "Record table/figure requests (deduplicated) so that the report notebooks can rebuild them."
         old = self.requests()
         write_json_atomic(old + [r for r in requests if r not in old], self.root / 'requests.json')
+
+    def write_manifest(self, name, paths):
+        "List the files a report wrote in <root>/<name>, relative to the root: a committed list reads the same on every machine."
+        write_json_atomic([Path(p).absolute().relative_to(self.root).as_posix() for p in paths], self.root / name)

@@ -8,7 +8,7 @@ __all__ = ['PAIRED', 'table_rows', 'table_markdown', 'duplicate_splits', 'paired
 # %% ../nbs/34_tables.ipynb #dc4c6c5d
 import csv
 
-from .files import atomic_write, write_json_atomic
+from .files import atomic_write
 from .metrics import summarize
 from .data import duplicate_splits as identical_split_pairs
 from .methods import get_method, RULE_WORDS
@@ -215,5 +215,5 @@ def make_tables(store, requests=None):
     for r in latest_requests(requests if requests is not None else store.requests(), 'table'):
         md, paths = write_table(store, r)
         texts.append(md); out += [str(p) for p in paths]
-    write_json_atomic(out, store.root / 'tables.json')
+    store.write_manifest('tables.json', out)
     return texts, out

@@ -1,4 +1,5 @@
 "The committed result records rebuild the committed tables exactly (no data, no training): README numbers come from them."
+import json
 import shutil
 from pathlib import Path
 
@@ -56,3 +57,15 @@ def test_a_table_from_two_machines_names_the_runs_off_the_common_one(tmp_path):
     note = next(line for line in md.splitlines() if line.startswith('* Machines'))
     assert 'on AMD EPYC; the others on Intel(R) Xeon(R) Processor: (d) diversity + point-to-set, split 0.' in note
     assert '| (a) quality | DR: min nearest-prototype distance |' in md  # row (a) rejects by its own, nearest, distance
+
+
+@pytest.mark.parametrize('manifest', sorted(RESULTS.glob('*/tables.json')) + sorted(RESULTS.glob('*/figures.json')),
+                         ids=lambda p: f'{p.parent.name}/{p.name}')
+def test_committed_manifests_list_the_store_files_relative_to_the_store(manifest):
+    "tables.json / figures.json name files that a fresh clone has: relative to the store root, never one machine's path."
+    paths = json.loads(manifest.read_text())
+    assert paths
+    for p in paths:
+        assert not Path(p).is_absolute(), p
+        committed = Path(p).suffix != '.pdf'  # .gitignore keeps a store's PDFs out: its PNG and caption carry the figure
+        assert (manifest.parent / p).is_file() or not committed, p

@@ -129,13 +129,13 @@ def study_prototypes(store, split_index=0):
     from pmal.figures import load_figure_data
     store = ResultsStore(store)
     runs = [r for r in store.records() if r['settings']['method'] == 'pmal' and r['settings']['split'] == split_index]
-    print(f"{'run':<44} {'quality':<18} {'diversity':<10} {'eps':>4} {'T':>3}  q(protos) q(cands) pairwise  centre ratio  DR AUROC")
+    print(f"{'run':<44} {'quality':<18} {'diversity':<10} {'eps':>4} {'T':>3} {'DR distance':<12}  q(protos) q(cands) pairwise  centre ratio  DR AUROC")
     for rec in sorted(runs, key=lambda r: r['key']):
         d = load_figure_data(store, rec['key'])  # None: not done, or its figure data is not on this machine
         if d is None: continue
         s = rec['settings']
         q_protos, q_cands, pairwise, ratio = prototype_placement(d)
-        print(f"{rec['key']:<44} {s['quality']:<18} {s['diversity']:<10} {s['eps']:>4} {s['T']:>3}  {q_protos:9.3f} {q_cands:8.3f} "
+        print(f"{rec['key']:<44} {s['quality']:<18} {s['diversity']:<10} {s['eps']:>4} {s['T']:>3} {s['distance']:<12}  {q_protos:9.3f} {q_cands:8.3f} "
               f"{pairwise:8.2f}  {ratio:12.2f}  {100 * rec['metrics']['dr_auroc']:8.1f}")
 
 

@@ -47,6 +47,19 @@ def test_results_page_float32_table4_rows_match_the_committed_table():
         mine = [line for line in page if line.startswith(f'| {row}')]
         assert any(f"| {acc} | {auroc} | {acc_paper} / {auroc_paper} |" in line for line in mine), (row, acc, auroc)
 
+def test_results_page_float32_table3_rows_match_the_committed_table():
+    "The results page's hand-laid Table 3 (float32, the rows run so far) carries the committed table's ACC, AUROC and paper AUROC."
+    table = (RESULTS / 'tiny_cpu_fp32' / 'tables' / 'table3_tinyimagenet_tiny_cpu_fp32.md').read_text()
+    page = (RESULTS / 'tinyimagenet.md').read_text().splitlines()
+    rows = [[c.strip() for c in line.split('|')] for line in table.splitlines() if line.startswith('| (')]
+    done = [cells for cells in rows if cells[5] != 'missing']
+    assert len(rows) == 6 and len(done) >= 3
+    for cells in done:
+        label, acc, auroc, auroc_paper = cells[1].split()[0], cells[5], cells[8], cells[9]
+        mine = [line for line in page if line.startswith(f'| {label} ')]
+        assert any(f"| {acc} | {auroc} | {auroc_paper} |" in line for line in mine), (label, acc, auroc)
+
+
 def test_a_table_from_two_machines_names_the_runs_off_the_common_one(tmp_path):
     "Table 3 (split 0) mixes an AMD EPYC and a Xeon run: its note says which ran where, as the committed table does."
     from pmal.tables import write_table

@@ -202,7 +202,7 @@ def build_reports(store, requests, templates=None, log=print):
             raise RuntimeError(f"{name}.ipynb failed: {e.ename}: {e.evalue} (see {store.notebook_path(name)})") from None
         written = json.loads((store.root / f'{name}.json').read_text())
         log(f"{name}.ipynb: {len(written)} files in {time.time() - t:.0f}s")
-        paths += [Path(p) for p in written]
+        paths += [store.root / p for p in written]  # relative to the store (an absolute path, of older stores, stays as it is)
     return paths
 
 # %% ../nbs/36_driver.ipynb #18751e4e

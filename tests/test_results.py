@@ -35,23 +35,26 @@ def test_readme_tinyimagenet_rows_match_the_committed_table():
 
 
 
+def _page_and_rows(table_name, *starts):
+    "The results page's lines and the cells of the committed float32 table's rows that start with one of `starts`."
+    table = (RESULTS / 'tiny_cpu_fp32' / 'tables' / table_name).read_text()
+    rows = [[c.strip() for c in line.split('|')] for line in table.splitlines() if line.startswith(starts)]
+    return (RESULTS / 'tinyimagenet.md').read_text().splitlines(), rows
+
+
 def test_results_page_float32_table4_rows_match_the_committed_table():
     "The results page's hand-laid Table 4 (float32, with each run's time) carries the committed table's ACC, AUROC and paper numbers."
-    table = (RESULTS / 'tiny_cpu_fp32' / 'tables' / 'table4_tinyimagenet_tiny_cpu_fp32.md').read_text()
-    page = (RESULTS / 'tinyimagenet.md').read_text().splitlines()
-    rows = [[c.strip() for c in line.split('|')] for line in table.splitlines() if line.startswith('| quality:')
-            or line.startswith('| diversity:') or line.startswith('| ours')]
+    page, rows = _page_and_rows('table4_tinyimagenet_tiny_cpu_fp32.md', '| quality:', '| diversity:', '| ours')
     assert len(rows) == 6
     for cells in rows:
         row, acc, acc_paper, auroc, auroc_paper = cells[1], cells[5], cells[6], cells[8], cells[9]
         mine = [line for line in page if line.startswith(f'| {row}')]
         assert any(f"| {acc} | {auroc} | {acc_paper} / {auroc_paper} |" in line for line in mine), (row, acc, auroc)
 
+
 def test_results_page_float32_table3_rows_match_the_committed_table():
     "The results page's hand-laid Table 3 (float32, the rows run so far) carries the committed table's ACC, AUROC and paper AUROC."
-    table = (RESULTS / 'tiny_cpu_fp32' / 'tables' / 'table3_tinyimagenet_tiny_cpu_fp32.md').read_text()
-    page = (RESULTS / 'tinyimagenet.md').read_text().splitlines()
-    rows = [[c.strip() for c in line.split('|')] for line in table.splitlines() if line.startswith('| (')]
+    page, rows = _page_and_rows('table3_tinyimagenet_tiny_cpu_fp32.md', '| (')
     done = [cells for cells in rows if cells[5] != 'missing']
     assert len(rows) == 6 and len(done) >= 3
     for cells in done:

@@ -1,5 +1,6 @@
 "The committed result records rebuild the committed tables exactly (no data, no training): README numbers come from them."
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -61,6 +62,24 @@ def test_results_page_float32_table3_rows_match_the_committed_table():
         label, acc, auroc, auroc_paper = cells[1].split()[0], cells[5], cells[8], cells[9]
         mine = [line for line in page if line.startswith(f'| {label} ')]
         assert any(f"| {acc} | {auroc} | {auroc_paper} |" in line for line in mine), (label, acc, auroc)
+
+
+def _component_effects(store, table_name):
+    "The one-component differences of a committed Table 3's note: {'(c) − (a)': ('+3.2 / +3.9', '+1.3'), ...}, with − signs."
+    note = next(l for l in (RESULTS / store / 'tables' / table_name).read_text().splitlines() if 'one component at a time' in l)
+    found = re.findall(r'(\([a-f]\) − \([a-f]\)) ([-+]\d+\.\d / [-+]\d+\.\d) \[paper ([-+]\d+\.\d)\]', note)
+    return {pair: (ours.replace('-', '−'), paper.replace('-', '−')) for pair, ours, paper in found}
+
+
+def test_results_page_component_effects_match_the_committed_table3_notes():
+    "The results page's table of Table 3's component effects carries the float32 and the bf16 tables' own notes."
+    page = (RESULTS / 'tinyimagenet.md').read_text().splitlines()
+    fp32 = _component_effects('tiny_cpu_fp32', 'table3_tinyimagenet_tiny_cpu_fp32.md')
+    bf16 = _component_effects('tiny_cpu', 'table3_tinyimagenet_tiny_cpu.md')
+    assert len(fp32) == 7 and set(bf16) <= set(fp32)
+    for pair, (ours, paper) in fp32.items():
+        cells = [c.strip() for c in next(l for l in page if f'| {pair} |' in l).split('|')][2:-1]
+        assert cells == [pair, ours, paper, bf16[pair][0] if pair in bf16 else ''], cells
 
 
 def test_a_table_from_two_machines_names_the_runs_off_the_common_one(tmp_path):

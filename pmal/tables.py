@@ -189,24 +189,24 @@ def _paper_difference(cells, a, b):
     if any(r is None or r['dataset'] != cells[0].column for r in refs): return None
     return refs[0]['value'] - refs[1]['value']
 
+def _ablation_part(store, cells, a, b):
+    "'(c) − (a) +3.2 / +3.9 [paper +1.3]': row `a` − row `b` (AUROC / ACC, paired), or None where no pair has finished."
+    d = {m: paired_differences(store, cells, a, b, m) for m in ('auroc', 'acc')}
+    if not d['auroc']['n']: return None
+    paper = _paper_difference(cells, a, b)
+    return (f"{a.split()[0]} − {b.split()[0]} {d['auroc']['mean']:+.1f} / {d['acc']['mean']:+.1f}"
+            + (f" ({d['auroc']['n']} pairs)" if d['auroc']['n'] > 1 else '') + (f" [paper {paper:+.1f}]" if paper is not None else ''))
+
 def _ablation_notes(store, request, cells):
     "Table 3: each component's effect (row with it − row without, paired by split and seed) in AUROC / ACC, beside the paper's."
     if request['target'] != 'table3': return []
     notes = []
     for ds in request['datasets']:
         sub = [c for c in cells if c.column == ds]
-        rows = {c.row.split()[0]: c.row for c in sub}
-        groups = []
-        for component, pairs in ABLATION_PAIRS:
-            parts = []
-            for a, b in pairs:
-                d = {m: paired_differences(store, sub, rows[a], rows[b], m) for m in ('auroc', 'acc')}
-                if not d['auroc']['n']: continue
-                paper = _paper_difference(sub, rows[a], rows[b])
-                parts.append(f"{a} − {b} {d['auroc']['mean']:+.1f} / {d['acc']['mean']:+.1f}"
-                             + (f" ({d['auroc']['n']} pairs)" if d['auroc']['n'] > 1 else '')
-                             + (f" [paper {paper:+.1f}]" if paper is not None else ''))
-            if parts: groups.append(f"{component} " + ', '.join(parts))
+        row = {c.row.split()[0]: c.row for c in sub}  # '(c)' -> '(c) quality + point-to-set'
+        parts = {component: [p for a, b in pairs if (p := _ablation_part(store, sub, row[a], row[b]))]
+                 for component, pairs in ABLATION_PAIRS}
+        groups = [f"{component} " + ', '.join(ps) for component, ps in parts.items() if ps]
         if groups: notes.append(f"{ds}, one component at a time (the row with it − the row without, paired by split and seed; "
                                 "AUROC / ACC points; the paper's AUROC difference in brackets): " + '; '.join(groups) + '.')
     return notes

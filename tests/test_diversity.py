@@ -1,5 +1,4 @@
 "Package-level tests of pmal.diversity: Algorithm 1, the Table 4 alternatives, per-class selection."
-import warnings
 
 import pytest
 import torch

@@ -8,8 +8,6 @@ import pytest
 from pmal.methods import METHODS, Method, get_method, method_names, register_method, create_criterion, load_plugins
 from pmal.targets import rule_name
 
-DRIVER = [sys.executable, '-c', 'import sys; from pmal.cli import main; sys.exit(main())']
-
 PLUGIN = textwrap.dedent('''
     "A toy method for the registry test: cross-entropy with label smoothing, scored by its max logit."
     import torch.nn.functional as F
@@ -64,16 +62,16 @@ def test_a_missing_plugin_is_named(monkeypatch):
         get_method('softmax')
 
 
-def test_a_registered_method_runs_through_pmal_reproduce(plugin):
+def test_a_registered_method_runs_through_pmal_reproduce(plugin, driver):
     folder, env = plugin
     profile = folder / 'tiny.yaml'
     profile.write_text('base: quick\nepochs: 2\ntsne_samples: 100\n')
     out = folder / 'store'
     args = ['run', '--out', str(out), '--set', 'method=smooth', '--set', f'profile={profile}']
-    refused = subprocess.run(DRIVER + args, env={k: v for k, v in env.items() if k != 'PMAL_PLUGINS'},
+    refused = subprocess.run(driver + args, env={k: v for k, v in env.items() if k != 'PMAL_PLUGINS'},
                              capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "method must be one of" in refused.stderr and not out.exists()
-    done = subprocess.run(DRIVER + args, env=env, capture_output=True, text=True, timeout=600, cwd=folder)
+    done = subprocess.run(driver + args, env=env, capture_output=True, text=True, timeout=600, cwd=folder)
     assert done.returncode == 0, done.stderr[-3000:]
     [record] = [json.loads(p.read_text()) for p in (out / 'records').glob('*.json')]
     assert record['status'] == 'done' and record['settings']['method'] == 'smooth' and record['key'].startswith('digits-s0-smooth-')

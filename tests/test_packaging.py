@@ -8,7 +8,6 @@ import pytest
 from pmal.driver import TEMPLATES
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = "base: quick\nepochs: 2\ntsne_samples: 200\n"
 
 
 def _run(args, timeout=300, **kw):
@@ -91,13 +90,13 @@ def test_sdist_holds_what_a_build_needs(checkout, wheel, tmp_path):
     assert {n: v for n, v in _contents(again).items() if n.startswith('pmal/')} == ours
 
 
-def test_installed_wheel_runs_pmal_reproduce_outside_the_checkout(wheel, tmp_path):
+def test_installed_wheel_runs_pmal_reproduce_outside_the_checkout(wheel, tmp_path, tiny):
     "Installed without dependencies into a target folder (the test environment supplies them), run from elsewhere."
     site = tmp_path / 'site'
     _pip('install', '--target', site, wheel)
     elsewhere = tmp_path / 'elsewhere'
     elsewhere.mkdir()
-    (elsewhere / 'tiny.yaml').write_text(TINY)
+    (elsewhere / 'tiny.yaml').write_text(Path(tiny).read_text())
     env = {k: v for k, v in os.environ.items() if k not in ('PMAL_TEMPLATES', 'PYTHONPATH')}
     env.update(PYTHONPATH=str(site), OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')
     where = _run([sys.executable, '-c', 'import pmal, pmal.driver as d; print(pmal.__file__); print(d.template_dir())'],

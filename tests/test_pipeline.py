@@ -4,7 +4,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import warnings
 
 import pytest
 import torch

@@ -23,19 +23,6 @@ from pmal.tables import write_table, table_rows
 from pmal.figures import write_figure
 from pmal.driver import run_notebook, template_dir, template_parameters
 
-TINY = "base: quick\nepochs: 2\ntsne_samples: 200\n"
-ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'MKL_NUM_THREADS': '1'}
-DRIVER = [sys.executable, '-c', 'import sys; from pmal.cli import main; sys.exit(main())']
-
-
-@pytest.fixture(scope='module')
-def tiny(tmp_path_factory):
-    "A YAML profile: the quick profile with 2 epochs (a digits run trains in about a second)."
-    path = tmp_path_factory.mktemp('profile') / 'tiny.yaml'
-    path.write_text(TINY)
-    return str(path)
-
-
 # ---- settings, profiles, keys ---------------------------------------------------------------------------------
 
 def test_template_parameters_are_the_run_settings():
@@ -154,19 +141,19 @@ def test_a_failing_run_leaves_an_error_record(tmp_path, monkeypatch):
 # ---- the driver: kill part-way, rerun, tables and figures ---------------------------------------------------------
 
 @pytest.fixture(scope='module')
-def killed_and_rerun(tmp_path_factory, tiny):
+def killed_and_rerun(tmp_path_factory, tiny, driver, child_env):
     "Table 1 on digits split 0 (6 runs): kill the driver after the first finished run, then rerun it to the end."
     out = tmp_path_factory.mktemp('store')
-    args = DRIVER + ['--table', '1', '--figure', '4a', '6', '--dataset', 'digits', '--splits', '0', '--profile', tiny,
+    args = driver + ['--table', '1', '--figure', '4a', '6', '--dataset', 'digits', '--splits', '0', '--profile', tiny,
                      '--out', str(out), '--device', 'cpu']
-    proc = subprocess.Popen(args, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(args, env=child_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     records, deadline = out / 'records', time.time() + 120
     while time.time() < deadline and not (records.exists() and any(records.glob('*.json'))):
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the kernel it started, mid-way through the second run
     proc.wait()
     first = {p.name: p.stat().st_mtime_ns for p in records.glob('*.json')}
-    rerun = subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run(args, env=child_env, capture_output=True, text=True, timeout=300)
     return out, first, rerun
 
 
@@ -211,7 +198,7 @@ def load_profile_path(out):
     return json.loads((out / 'requests.json').read_text())[0]['profile']
 
 
-def test_list_prints_one_self_contained_command_per_missing_run(killed_and_rerun, tmp_path, capsys):
+def test_list_prints_one_self_contained_command_per_missing_run(killed_and_rerun, tmp_path, capsys, child_env):
     out, _, _ = killed_and_rerun
     profile = load_profile_path(out)
     assert main(['--table', '1', '--dataset', 'digits', '--splits', '0', '--profile', profile, '--out', str(out), '--list']) == 0
@@ -221,7 +208,7 @@ def test_list_prints_one_self_contained_command_per_missing_run(killed_and_rerun
     cmds = capsys.readouterr().out.strip().splitlines()
     assert len(cmds) == 2 and all(c.startswith('pmal-reproduce run --out ') for c in cmds)
     bin_dir = Path(sys.executable).parent
-    done = subprocess.run(cmds[0], shell=True, env={**ENV, 'PATH': f"{bin_dir}:{ENV['PATH']}"}, cwd='/',
+    done = subprocess.run(cmds[0], shell=True, env={**child_env, 'PATH': f"{bin_dir}:{child_env['PATH']}"}, cwd='/',
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     assert len(list((fresh / 'records').glob('*.json'))) == 1
@@ -497,117 +484,12 @@ def test_list_shows_only_the_splits_that_exist(tmp_path, tiny, capsys):
     assert {c.settings.split for c in grid(make_request('table2', ['imagenet100']))} == {0}  # ImageNet-100 has one split
 
 
-# ---- issue 12: faults lose nothing ---------------------------------------------------------------------------------
-
-def _truncate(path, size=1000):
-    with open(path, 'r+b') as f: f.truncate(size)
-
-
-def test_force_recovers_a_truncated_phase1_checkpoint_shared_by_hard_link(tmp_path, tiny):
-    "Both runs in fresh processes, as a user runs them (in one long pytest process the retrained model differed by 1e-2)."
-    cmd = DRIVER + ['run', '--out', str(tmp_path), '--set', f'profile={tiny}', '--set', 'device=cpu']
-    assert subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600).returncode == 0
-    store = ResultsStore(tmp_path)
-    (path,) = (tmp_path / 'records').glob('*.json')
-    first = json.loads(path.read_text())
-    work = store.work_dir(first['key']) / 'phase1_model0.pt'
-    shared = phase1_dir(resolve_settings(profile=tiny, out_dir=str(tmp_path)), store) / 'phase1_model0.pt'
-    assert work.stat().st_ino == shared.stat().st_ino
-    _truncate(work)  # truncate -s 1000 .../phase1_model0.pt: the shared copy is the same file
-    r = subprocess.run(cmd + ['--force'], env=ENV, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout + r.stderr
-    again = store.load(first['key'])
-    assert again['status'] == 'done' and again['metrics'] == pytest.approx(first['metrics'], abs=1e-12)
-    assert torch.load(shared, weights_only=True)['epoch'] == 2 and shared.with_name('phase1_model0.pt.damaged').exists()
-
-
-def test_a_truncated_m1_linked_into_a_softmax_run_is_trained_again(tmp_path, tiny):
-    "The other direction: the softmax baseline trained M1 first, PMAL links it, and the file is damaged."
-    softmax = _run(tmp_path, tiny, method='softmax')
-    store = ResultsStore(tmp_path)
-    m1 = store.work_dir(softmax['key']) / 'model.pt'
-    _truncate(m1)
-    with pytest.warns(UserWarning, match=r'phase1_model0.pt is damaged'):
-        pmal_record = _run(tmp_path, tiny, method='pmal')
-    assert pmal_record['status'] == 'done' and pmal_record['reused'] is None  # nothing usable to link: trained
-    alone = _run(tmp_path / 'alone', tiny, method='pmal')
-    assert pmal_record['metrics'] == pytest.approx(alone['metrics'], abs=1e-12)
-    assert torch.load(phase1_dir(resolve_settings(profile=tiny, out_dir=str(tmp_path)), store) / 'phase1_model0.pt',
-                      weights_only=True)['epoch'] == 2
-
-
-def test_three_drivers_on_one_store_train_each_run_once(tmp_path, tiny):
-    out = tmp_path / 'store'
-    args = DRIVER + ['--figure', '5a', '--dataset', 'digits', '--profile', tiny, '--out', str(out), '--device', 'cpu']
-    procs = [subprocess.Popen(args, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(3)]
-    outs = [p.communicate(timeout=1200)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0, 0], outs
-    records = [json.loads(p.read_text()) for p in (out / 'records').glob('*.json')]
-    assert len(records) == 2 and all(r['status'] == 'done' and 0 <= r['metrics']['dr_auroc'] <= 1 for r in records)
-    executed = sum(line.split()[1] == 'done' for o in outs for line in o.splitlines() if line.startswith('['))
-    assert executed == 2, outs                                   # each run trained by one driver only
-    assert sorted(r['reused'] is None for r in records) == [False, True]  # phase 1 trained once, linked by the other run
-    assert not list(out.rglob('*.damaged')) and not list(out.rglob('*.tmp'))
-
-
-def test_a_run_held_by_another_process_is_not_started_twice(tmp_path, tiny):
-    from pmal.files import RunLock
-    s = resolve_settings(profile=tiny, out_dir=str(tmp_path), device='cpu')
-    lock = RunLock(ResultsStore(tmp_path).lock_path(run_key(s)))
-    assert lock.acquire()
-    try:
-        with pytest.raises(RuntimeError, match=rf'is being run by pid {os.getpid()}'):
-            execute_run(s)
-    finally: lock.release()
-    assert ResultsStore(tmp_path).load(run_key(s)) is None and not (tmp_path / 'work').exists()
-
-
-def test_ctrl_c_prints_one_line_and_keeps_the_checkpoint(tmp_path):
-    out = tmp_path / 'store'
-    args = DRIVER + ['run', '--out', str(out), '--set', 'epochs=30', '--set', 'device=cpu']
-    proc = subprocess.Popen(args, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.time() + 300
-    while time.time() < deadline and not list(out.glob('work/*/phase1_model0.pt')): time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=300)  # the kernel is shut down (a few seconds) before the driver exits
-    assert proc.returncode == 130, stderr[-3000:]
-    assert stderr.strip().splitlines()[-1] == 'pmal-reproduce: interrupted; rerun the same command to resume'
-    assert 'Traceback' not in stderr and 'ZMQError' not in stderr and 'KeyboardInterrupt' not in stderr, stderr[-3000:]
-    ckpt = list(out.glob('work/*/phase1_model0.pt'))[0]
-    assert torch.load(ckpt, weights_only=True)['epoch'] >= 1 and not list((out / 'records').glob('*.json'))
-
-
-def test_a_read_only_store_gives_one_line(tmp_path, capsys, monkeypatch):
-    import errno, pathlib
-    store = tmp_path / 'ro'
-    real = pathlib.Path.mkdir
-    def mkdir(self, *a, **k):
-        if str(self).startswith(str(store)): raise OSError(errno.EROFS, 'Read-only file system', str(self))
-        return real(self, *a, **k)
-    monkeypatch.setattr(pathlib.Path, 'mkdir', mkdir)
-    assert main(['run', '--out', str(store), '--set', 'epochs=1']) not in (0, None)
-    err = capsys.readouterr().err.strip()
-    assert err.startswith('pmal-reproduce: error: ') and 'Read-only file system' in err and len(err.splitlines()) == 1
-
-
-def test_a_truncated_record_under_report_gives_one_line(tmp_path, capsys):
-    store = ResultsStore(tmp_path)
-    store.add_requests([make_request('table1', ['digits'], [0])])
-    cells = grid(make_request('table1', ['digits'], [0]), tmp_path)
-    store.write(dict(key=cells[0].key, status='done', metrics={}))
-    (tmp_path / 'records' / f'{cells[0].key}.json').write_text('{"key": "x", "sta')
-    assert main(['report', '--out', str(tmp_path)]) not in (0, None)
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and f'{cells[0].key}.json is not valid JSON' in err
-
-
 # ---- issue 12: usability on the way ---------------------------------------------------------------------------------
 
-def test_help_is_quick_and_lists_the_names():
+def test_help_is_quick_and_lists_the_names(child_env):
     code = ("import sys, time; t = time.time()\nfrom pmal.cli import main\ntry: main(['--help'])\nexcept SystemExit: pass\n"
             "print('torch imported:', 'torch' in sys.modules)")
-    r = subprocess.run([sys.executable, '-c', code], env=ENV, capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, '-c', code], env=child_env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert 'torch imported: False' in r.stdout
     for name in ('eps', 'lambda_p', 'known_classes', 'tsne_samples', 'lr_step_fraction', 'image_size', '--download'):

@@ -25,15 +25,3 @@ def driver():
 def child_env():
     "The environment of a child process: this one, with one torch thread."
     return {**os.environ, 'OMP_NUM_THREADS': '1', 'MKL_NUM_THREADS': '1'}
-
-
-# pytest-xdist (`--dist loadfile`) hands whole files to the two workers in collection order; the files that train
-# through papermill kernels and subprocesses take most of the time, so they are collected first and the two workers
-# finish together (otherwise the longest file could start last, with the other worker idle).
-LONGEST_FIRST = ['test_reproduction.py', 'test_faults.py', 'test_pipeline.py', 'test_distributed.py', 'test_train.py',
-                 'test_packaging.py', 'test_methods.py']
-
-
-def pytest_collection_modifyitems(items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

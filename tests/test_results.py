@@ -64,6 +64,38 @@ def test_results_page_float32_table3_rows_match_the_committed_table():
         assert any(f"| {acc} | {auroc} | {auroc_paper} |" in line for line in mine), (label, acc, auroc)
 
 
+PRETTY = {'T': 'T', 'eps': 'ε', 'U': 'U', 'delta': 'δ', 'lambda_p': 'λ_p'}
+DEFAULTS = {'T=10', 'eps=0.7', 'U=2', 'delta=0.5', 'lambda_p=1.0'}
+
+
+def _table5_done_rows():
+    "The finished rows of the committed float32 Table 5 as (page label, ACC, AUROC, paper AUROC); the defaults once, as T = 10."
+    _, rows = _page_and_rows('table5_tinyimagenet_tiny_cpu_fp32.md', *(f'| {k}=' for k in PRETTY))
+    done = [c for c in rows if c[5] != 'missing' and (c[1] == 'T=10' or c[1] not in DEFAULTS)]
+    return [(' = '.join([PRETTY[c[1].split('=')[0]], c[1].split('=')[1]]), c[5], c[8], c[9]) for c in done]
+
+
+def test_results_page_float32_table5_rows_match_the_committed_table():
+    "The results page's hand-laid Table 5 (float32, the rows run so far) carries every finished row of the committed table."
+    page, _ = _page_and_rows('table5_tinyimagenet_tiny_cpu_fp32.md')
+    done = _table5_done_rows()
+    assert len(done) >= 5
+    for label, acc, auroc, auroc_paper in done:
+        mine = [line for line in page if line.startswith((f'| {label} |', f'| {label} ('))]
+        assert any(f"| {acc} | {auroc} | {auroc_paper} |" in line for line in mine), (label, acc, auroc)
+
+
+def test_readme_float32_table5_list_matches_the_committed_table():
+    "The README's list of float32 Table 5 rows (DR AUROC / ACC [paper AUROC]) carries every finished row of the table."
+    readme = ' '.join((RESULTS.parent / 'README.md').read_text().split())
+    start = readme.index('Float32 Table 5 so far')
+    listed = readme[start:readme.index('([`results/tiny_cpu_fp32/tables/table5', start)]
+    done = _table5_done_rows()
+    for label, acc, auroc, auroc_paper in done:
+        assert re.search(rf'{re.escape(label)}( \(the defaults\))? {auroc} / {acc} \[{auroc_paper}\]', listed), (label, listed)
+    assert len(re.findall(r'\[\d', listed)) == len(done), listed
+
+
 def _component_effects(store, table_name):
     "The one-component differences of a committed Table 3's note: {'(c) − (a)': ('+3.2 / +3.9', '+1.3'), ...}, with − signs."
     note = next(l for l in (RESULTS / store / 'tables' / table_name).read_text().splitlines() if 'one component at a time' in l)

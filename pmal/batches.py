@@ -14,7 +14,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
-from torchvision import transforms as T
 
 from .data import AUGMENTS, ImageSet
 
@@ -110,6 +109,7 @@ class DeviceBatches:
 # %% ../nbs/00b_batches.ipynb #55512538
 def loader_transform(augment, size):
     "PIL -> uint8 tensor: random-resized crop (+ flip) for training, resize + centre crop otherwise."
+    from torchvision import transforms as T  # here, not at the top: a run on tensors never imports torchvision
     if augment == 'none':
         return T.Compose([T.Resize(round(size * 256 / 224)), T.CenterCrop(size), T.PILToTensor()])
     flip = [T.RandomHorizontalFlip()] if augment == 'crop_flip' else []

@@ -4,8 +4,9 @@
 
 # %% auto #0
 __all__ = ['OSR_SPLITS', 'GET_DATA', 'IMAGENET_MEAN', 'IMAGENET_STD', 'TINY_URL', 'TINY_MD5', 'BENCHMARKS', 'AUGMENTS',
-           'DOWNLOADABLE', 'ImageSet', 'OpenSetSplit', 'duplicate_splits', 'DataNotFoundError', 'DataIntegrityError',
-           'Benchmark', 'npz_info', 'check_request', 'split_count', 'load_openset', 'check_data', 'download_data']
+           'DOWNLOADABLE', 'DIGITS_SEED', 'DIGIT_NAMES', 'ImageSet', 'OpenSetSplit', 'duplicate_splits',
+           'DataNotFoundError', 'DataIntegrityError', 'Benchmark', 'npz_info', 'check_request', 'split_count',
+           'load_openset', 'check_data', 'download_data']
 
 # %% ../nbs/00_data.ipynb #d1c16ab0
 import importlib
@@ -218,7 +219,7 @@ TINY_URL, TINY_MD5 = 'http://cs231n.stanford.edu/tiny-imagenet-200.zip', '90528d
 _TV = "Get it with --download (pmal-reproduce) or load_openset(..., download=True) (torchvision's downloader), or put the files there."
 BENCHMARKS = {b.name: b for b in [
     Benchmark('digits', OSR_SPLITS['mnist'], list(range(10)), (1, 8, 8), (0.3053,), (0.3759,), 'none',
-              'none (ships with scikit-learn)', 'It ships with scikit-learn.', 'pmal.readers:_load_digits'),
+              'none (ships with scikit-learn)', 'It ships with scikit-learn.', 'pmal.data:_load_digits'),
     Benchmark('mnist', OSR_SPLITS['mnist'], list(range(10)), (1, 28, 28), (0.1307,), (0.3081,), 'none',
               'MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]', _TV, 'pmal.readers:_load_mnist'),
     Benchmark('svhn', OSR_SPLITS['svhn'], list(range(10)), (3, 32, 32), (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970),
@@ -425,3 +426,17 @@ def download_data(name, root=None):
     _reader('pmal.readers:_fetch')(name, root)
     check_data(name, root)
     return root
+
+# %% ../nbs/00_data.ipynb #e5055054
+DIGITS_SEED = 0
+DIGIT_NAMES = [f'{i} - {w}' for i, w in enumerate('zero one two three four five six seven eight nine'.split())]
+
+def _load_digits(bench, root, split, known, download):
+    "sklearn digits, bytes 0..255, stratified 60/40 split (seed DIGITS_SEED)."
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    d = load_digits()
+    x = torch.from_numpy(np.round(d.images * 255 / 16).astype(np.uint8))[:, None]
+    tr, te = train_test_split(np.arange(len(x)), test_size=0.4, stratify=d.target, random_state=DIGITS_SEED)
+    tr, te = torch.from_numpy(np.sort(tr)), torch.from_numpy(np.sort(te))
+    return _arrays_split(bench, split, known, x[tr], d.target[tr], x[te], d.target[te], DIGIT_NAMES)

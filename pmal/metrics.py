@@ -10,7 +10,6 @@ __all__ = ['accuracy', 'auroc', 'threshold_at_tpr', 'fpr_at_tpr', 'oscr_curve', 
 import numbers
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score, auc
 
 # %% ../nbs/03_metrics.ipynb #12f07b50
 def _as_numpy(x, name):
@@ -48,6 +47,7 @@ def accuracy(pred, y):
 # %% ../nbs/03_metrics.ipynb #2b804798
 def auroc(known_scores, unknown_scores):
     "Area under the ROC curve of known (positive) vs unknown test samples under known-ness scores."
+    from sklearn.metrics import roc_auc_score  # here, not at the top: a process that only trains never imports scikit-learn
     sk, su = _scores(known_scores, 'known_scores'), _scores(unknown_scores, 'unknown_scores')
     is_known = np.r_[np.ones(len(sk)), np.zeros(len(su))]
     return float(roc_auc_score(is_known, np.r_[sk, su]))
@@ -86,6 +86,7 @@ def oscr_curve(known_scores, known_correct, unknown_scores):
 
 def oscr(known_scores, known_correct, unknown_scores):
     "Area under the OSCR curve (trapezoid rule): open-set classification and rejection in one number."
+    from sklearn.metrics import auc
     fpr, ccr = oscr_curve(known_scores, known_correct, unknown_scores)
     return float(auc(fpr, ccr))
 

@@ -11,7 +11,6 @@ from functools import lru_cache
 
 import torch
 from torch import nn
-import torchvision
 
 # %% ../nbs/01_models.ipynb #3c7b1e88
 class EmbeddingClassifier(nn.Module):
@@ -103,6 +102,7 @@ def wrn40_4(num_classes, in_channels=3):
 # %% ../nbs/01_models.ipynb #17b0ac1c
 def resnet50(num_classes, in_channels=3):
     "torchvision ResNet-50 (random init): 2048-d embedding, bias-free head; the paper's ImageNet backbone."
+    import torchvision  # here, not at the top: the other backbones never import torchvision
     _check_sizes(num_classes, in_channels)
     net = torchvision.models.resnet50(weights=None)
     if in_channels != 3:

@@ -7,7 +7,7 @@ __all__ = ['HELD_LOCK', 'load_run_split', 'phase1_dir', 'train_m1', 'hardware', 
            'show_record']
 
 # %% ../nbs/32_run.ipynb #04d7d597
-import os, platform, time, traceback
+import importlib.metadata, os, platform, time, traceback
 from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -182,10 +182,10 @@ def _run_baseline(s, split, store, timings, progress, on_epoch_end=None):
 
 # %% ../nbs/32_run.ipynb #e8c7efb0
 def _versions():
-    "Versions of the libraries that shape a result."
-    import sklearn, torchvision
+    "Versions of the libraries that shape a result; torchvision's is its installed distribution's (without the build tag, e.g. 0.29.1 for 0.29.1+cu130): importing torchvision would cost every digits run a third of its import time."
+    import sklearn
     return dict(python=platform.python_version(), pmal=pmal.__version__, torch=torch.__version__,
-                torchvision=torchvision.__version__, numpy=np.__version__, sklearn=sklearn.__version__)
+                torchvision=importlib.metadata.version('torchvision'), numpy=np.__version__, sklearn=sklearn.__version__)
 
 # %% ../nbs/32_run.ipynb #d244b112
 def _cpu_name():

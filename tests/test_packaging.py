@@ -110,3 +110,17 @@ def test_installed_wheel_runs_pmal_reproduce_outside_the_checkout(wheel, tmp_pat
     assert record['status'] == 'done' and record['settings']['dataset'] == 'digits' and 0 <= record['metrics']['dr_auroc'] <= 1
     (executed,) = (elsewhere / 'store' / 'notebooks').glob('*.ipynb')
     assert json.loads(executed.read_text())['metadata']['papermill']['input_path'] == str(site / 'pmal' / 'templates' / 'run.ipynb')
+
+
+def test_a_digits_run_imports_only_what_it_uses(child_env):
+    """Every papermill kernel, driver and spawned rank pays its imports: torchvision (a third of `import pmal.run`'s
+    time) and scikit-learn's metrics are imported where they are used, so a digits run never imports torchvision and a
+    process that only trains never imports scikit-learn."""
+    code = ("import sys\nimport pmal.run, pmal.driver, pmal.distributed, pmal.figures, pmal.tables\n"
+            "print('on import:', sorted(m for m in ('torchvision', 'sklearn') if m in sys.modules))\n"
+            "from pmal.data import load_openset\nfrom pmal.models import create_model\nfrom pmal.run import _versions\n"
+            "split = load_openset('digits'); create_model('digits_net', split.num_classes, 1); create_model('classifier32', 6, 3)\n"
+            "print('digits run:', 'torchvision' in sys.modules, _versions()['torchvision'])")
+    r = subprocess.run([sys.executable, '-c', code], env=child_env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert 'on import: []' in r.stdout and 'digits run: False 0.' in r.stdout, r.stdout

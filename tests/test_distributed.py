@@ -1,9 +1,5 @@
-"Two-process CPU (gloo) tests of pmal.distributed: DDP training equals one process, identical prototypes, row-split robustness."
-import json
-import os
-import subprocess
-import sys
-
+"""Two-process CPU (gloo) tests of pmal.distributed: DDP training equals one process, identical prototypes, row-split
+robustness (the `torchrun` command line itself runs in nbs/24_distributed.ipynb, under nbdev_test)."""
 import pytest
 import torch
 from torch import nn
@@ -62,14 +58,54 @@ def train_on_ranks(recipe, make_net, with_prototypes):
 def no_time(h): return [{k: v for k, v in e.items() if k != 'time'} for e in h]
 
 
-def test_ddp_equals_one_process():
+RECIPE = Recipe(epochs=2, lr=0.01, batch_size=16)
+CASES = [(slice_free_net, False), (slice_free_net, True), (bn_dropout_net, True)]
+
+
+def mining_inputs():
+    "Embeddings, heads and labels of 4 classes in 2 spaces; a digits split and 2 small untrained models (K = 6)."
+    g = torch.Generator().manual_seed(2)
+    labels = torch.arange(400) % 4
+    zs = [torch.randn(400, 12, generator=g) + 2 * nn.functional.one_hot(labels, 12) for _ in range(2)]
+    Ws = [torch.randn(4, 12, generator=g) for _ in range(2)]
+    models = []
+    for u in range(2):
+        torch.manual_seed(u)
+        m = EmbeddingClassifier(nn.Sequential(nn.Conv2d(1, 16, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()), 16, 6)
+        models.append(m.eval())
+    return zs, Ws, labels, load_openset('digits'), models, PMALConfig(T=4)
+
+
+def robustness_spaces():
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(1500, 8, generator=g)
+    return [base + s * torch.randn(1500, 8, generator=g) for s in (0.1, 0.4)]
+
+
+def on_every_rank():
+    """Runs on every rank, in one process group (one launch: each costs two processes' imports): DDP training of each
+    case, mining from embeddings and from models, and row-split robustness with block size 128 and the default."""
+    zs, Ws, labels, split, models, config = mining_inputs()
+    spaces = robustness_spaces()
+    return dict(train=[train_on_ranks(RECIPE, make_net, with_prototypes) for make_net, with_prototypes in CASES],
+                mine=(D.distributed_mine_prototypes(zs, Ws, labels, 5),
+                      D.distributed_mine_from_models(models, split, config, 'cpu', None)),
+                robustness=(D.distributed_topology_robustness(spaces, 'rms_excess', 128),
+                            D.distributed_topology_robustness(spaces)))
+
+
+@pytest.fixture(scope='module')
+def ranks():
+    "What `on_every_rank` returned on rank 0 and on rank 1."
+    return D.launch(on_every_rank, 2)
+
+
+def test_ddp_equals_one_process(ranks):
     "(a) 2 ranks with slices of 8 = 1 process with batches of 16 (softmax and PMAL's two-forward criterion)."
-    recipe = Recipe(epochs=2, lr=0.01, batch_size=16)
-    for with_prototypes in (False, True):
+    for i, (_, with_prototypes) in enumerate(CASES[:2]):
+        (h_a, s_a), (h_b, s_b) = (r['train'][i] for r in ranks)
         one = slice_free_net()
-        h1 = fit(one, batches(), recipe, prototype_criterion() if with_prototypes else None, progress=False)
-        ranks = D.launch(train_on_ranks, 2, recipe, slice_free_net, with_prototypes)
-        (h_a, s_a), (h_b, s_b) = ranks
+        h1 = fit(one, batches(), RECIPE, prototype_criterion() if with_prototypes else None, progress=False)
         assert no_time(h_a) == no_time(h_b)
         assert all(torch.isfinite(torch.tensor(e['loss'])) for e in h_a)
         for k in s_a:
@@ -78,51 +114,33 @@ def test_ddp_equals_one_process():
         torch.testing.assert_close([e['loss'] for e in h_a], [e['loss'] for e in h1], rtol=1e-5, atol=1e-6)
 
 
-def test_ddp_batchnorm_dropout_replicas_agree():
+def test_ddp_batchnorm_dropout_replicas_agree(ranks):
     "(a) With BatchNorm (per-rank statistics, averaged running stats) and dropout, ranks still hold identical weights."
-    (h_a, s_a), (h_b, s_b) = D.launch(train_on_ranks, 2, Recipe(epochs=2, lr=0.01, batch_size=16), bn_dropout_net, True)
+    (h_a, s_a), (h_b, s_b) = (r['train'][2] for r in ranks)
     assert no_time(h_a) == no_time(h_b) and all(e['loss'] == e['loss'] for e in h_a)
     for k in s_a: assert torch.equal(s_a[k], s_b[k]), k
     assert not torch.equal(s_a['features.1.running_mean'], bn_dropout_net().state_dict()['features.1.running_mean'])
 
 
-def embed_and_mine(split, models, config):
-    return D.distributed_mine_from_models(models, split, config, 'cpu', None)
-
-
-def test_ranks_mine_identical_prototypes():
-    "(b) Mining from trained models on 2 ranks: identical on both, equal to one process (and to mine_prototypes)."
-    g = torch.Generator().manual_seed(2)
-    labels = torch.arange(400) % 4
-    zs = [torch.randn(400, 12, generator=g) + 2 * nn.functional.one_hot(labels, 12) for _ in range(2)]
-    Ws = [torch.randn(4, 12, generator=g) for _ in range(2)]
+def test_ranks_mine_identical_prototypes(ranks):
+    "(b) Mining on 2 ranks, from embeddings and from trained models: identical on both, equal to one process."
+    zs, Ws, labels, split, models, config = mining_inputs()
+    (p_a, a), (p_b, b) = (r['mine'] for r in ranks)
     ref = mine_prototypes(zs, Ws, labels, T=5)
-    for p in D.launch(D.distributed_mine_prototypes, 2, zs, Ws, labels, 5):
+    for p in (p_a, p_b):
         assert torch.equal(p.indices, ref.indices) and torch.equal(p.r, ref.r) and p.settings == ref.settings
-
-    split = load_openset('digits')
-    config = PMALConfig(T=4)
-    models = []
-    for u in range(2):
-        torch.manual_seed(u)
-        m = EmbeddingClassifier(nn.Sequential(nn.Conv2d(1, 16, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()), 16, 6)
-        models.append(m.eval())
-    a, b = D.launch(embed_and_mine, 2, split, models, config)
     assert torch.equal(a.indices, b.indices) and torch.equal(a.r, b.r)
     one = mine_from_models(models, split, config)
     torch.testing.assert_close(a.r, one.r, rtol=1e-5, atol=1e-6)
     assert a.settings == one.settings
 
 
-def test_robustness_split_by_rows_equals_one_process():
+def test_robustness_split_by_rows_equals_one_process(ranks):
     "(c) Rows split across 2 ranks by blocks: the same r as topology_robustness, bit for bit."
-    g = torch.Generator().manual_seed(1)
-    base = torch.randn(1500, 8, generator=g)
-    spaces = [base + s * torch.randn(1500, 8, generator=g) for s in (0.1, 0.4)]
-    for r in D.launch(D.distributed_topology_robustness, 2, spaces, 'rms_excess', 128):
-        assert torch.equal(r, topology_robustness(spaces, block_size=128))
-    for r in D.launch(D.distributed_topology_robustness, 2, spaces):  # default block size, threads as set
-        torch.testing.assert_close(r, topology_robustness(spaces), rtol=1e-6, atol=1e-7)
+    spaces = robustness_spaces()
+    for r128, r in (r['robustness'] for r in ranks):
+        assert torch.equal(r128, topology_robustness(spaces, block_size=128))
+        torch.testing.assert_close(r, topology_robustness(spaces), rtol=1e-6, atol=1e-7)  # default block size, threads as set
 
 
 class PILSet(torch.utils.data.Dataset):
@@ -146,18 +164,3 @@ def test_shards_rejoin_to_the_global_batches(kind):
                 xs, ys = torch.cat([p[i][0] for p in parts]), torch.cat([p[i][1] for p in parts])
                 n = len(y) // W * W
                 assert torch.equal(ys, y[:n]) and torch.equal(xs, x[:n])
-
-
-def test_torchrun_command_line(tmp_path):
-    "python -m torch.distributed.run --nproc_per_node 2 -m pmal.distributed: a whole PMAL run on 2 CPU processes."
-    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', '-m', 'pmal.distributed',
-           '--dataset', 'digits', '--epochs', '1', '--T', '3', '--device', 'cpu', '--batch-size', '64',
-           '--work-dir', str(tmp_path / 'run'), '--json', str(tmp_path / 'out.json')]
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, 'OMP_NUM_THREADS': '1'}, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    rec = json.loads((tmp_path / 'out.json').read_text())
-    assert (rec['ranks'], rec['global_batch'], len(rec['prototypes'][0])) == (2, 64, 3)
-    assert 0 <= rec['metrics']['dr_auroc'] <= 1
-    assert sorted(p.name for p in (tmp_path / 'run').iterdir()) == \
-        ['phase1_model0.pt', 'phase1_model1.pt', 'phase2.pt', 'pmal.pt', 'prototypes.npz']
-    PMAL.load(tmp_path / 'run' / 'pmal.pt')

@@ -8,6 +8,7 @@ __all__ = ['PAIRED', 'ABLATION_PAIRS', 'table_rows', 'table_markdown', 'duplicat
 
 # %% ../nbs/34_tables.ipynb #dc4c6c5d
 import csv
+from functools import partial
 
 from .files import atomic_write
 from .metrics import summarize
@@ -165,17 +166,19 @@ def paired_differences(store, cells, a, b, metric='auroc'):
 PAIRED = (('PMAL (DR)', 'Softmax (MSP)'), ('PMAL (DR)', 'MLS'), ('PMAL (DR)', 'ARPL'), ('PMAL (PR)', 'Softmax (MSP)'),
           ('PMAL (PR)', 'Softmax, equal budget'))
 
+def _per_dataset(request, cells, target, note_of):
+    "The notes of a `target` table: `note_of(data set, its cells)` for each data set of the request, where it has one."
+    if request['target'] != target: return []
+    return [n for ds in request['datasets'] if (n := note_of(ds, [c for c in cells if c.column == ds]))]
+
+def _paired_note(store, ds, cells):
+    parts = [f"{d['a']} − {d['b']} {d['mean']:+.1f} ± {d['std']:.1f} ({d['wins']} of {d['n']} better)"
+             for a, b in PAIRED if (d := paired_differences(store, cells, a, b))['n']]
+    if parts: return f"{ds}, paired by split (AUROC points, mean ± std over the splits both rows have): " + '; '.join(parts) + '.'
+
 def _paired_notes(store, request, cells):
     "Table 1: PMAL against the baselines split by split (AUROC), for each data set with a split both rows have."
-    if request['target'] != 'table1': return []
-    notes = []
-    for ds in request['datasets']:
-        sub = [c for c in cells if c.column == ds]
-        parts = [f"{d['a']} − {d['b']} {d['mean']:+.1f} ± {d['std']:.1f} ({d['wins']} of {d['n']} better)"
-                 for a, b in PAIRED if (d := paired_differences(store, sub, a, b))['n']]
-        if parts: notes.append(f"{ds}, paired by split (AUROC points, mean ± std over the splits both rows have): "
-                               + '; '.join(parts) + '.')
-    return notes
+    return _per_dataset(request, cells, 'table1', partial(_paired_note, store))
 
 # %% ../nbs/34_tables.ipynb #c3a1b7d3
 # Table 3's one-component pairs: (the component, ((row with it, row without it), ...)), rows by their letter
@@ -197,19 +200,17 @@ def _ablation_part(store, cells, a, b):
     return (f"{a.split()[0]} − {b.split()[0]} {d['auroc']['mean']:+.1f} / {d['acc']['mean']:+.1f}"
             + (f" ({d['auroc']['n']} pairs)" if d['auroc']['n'] > 1 else '') + (f" [paper {paper:+.1f}]" if paper is not None else ''))
 
+def _ablation_note(store, ds, cells):
+    row = {c.row.split()[0]: c.row for c in cells}  # '(c)' -> '(c) quality + point-to-set'
+    parts = {component: [p for a, b in pairs if (p := _ablation_part(store, cells, row[a], row[b]))]
+             for component, pairs in ABLATION_PAIRS}
+    groups = [f"{component} " + ', '.join(ps) for component, ps in parts.items() if ps]
+    if groups: return (f"{ds}, one component at a time (the row with it − the row without, paired by split and seed; "
+                       "AUROC / ACC points; the paper's AUROC difference in brackets): " + '; '.join(groups) + '.')
+
 def _ablation_notes(store, request, cells):
     "Table 3: each component's effect (row with it − row without, paired by split and seed) in AUROC / ACC, beside the paper's."
-    if request['target'] != 'table3': return []
-    notes = []
-    for ds in request['datasets']:
-        sub = [c for c in cells if c.column == ds]
-        row = {c.row.split()[0]: c.row for c in sub}  # '(c)' -> '(c) quality + point-to-set'
-        parts = {component: [p for a, b in pairs if (p := _ablation_part(store, sub, row[a], row[b]))]
-                 for component, pairs in ABLATION_PAIRS}
-        groups = [f"{component} " + ', '.join(ps) for component, ps in parts.items() if ps]
-        if groups: notes.append(f"{ds}, one component at a time (the row with it − the row without, paired by split and seed; "
-                                "AUROC / ACC points; the paper's AUROC difference in brackets): " + '; '.join(groups) + '.')
-    return notes
+    return _per_dataset(request, cells, 'table3', partial(_ablation_note, store))
 
 
 # %% ../nbs/34_tables.ipynb #28952df1

@@ -228,7 +228,7 @@ def resolve_settings(**params):
     size_backbone, size_epochs = profile.size_rule(shape)
     backbone = s.backbone or size_backbone or default_backbone(shape)
     if backbone not in MODELS: raise ValueError(f"unknown backbone {backbone!r}; valid: {', '.join(sorted(MODELS))}")
-    try: check_input(backbone, shape)  # a forward pass on the meta device: images the backbone cannot take fail here
+    try: check_input(backbone, shape)  # a forward pass of 2 blank images: images the backbone cannot take fail here
     except ValueError as e: raise ValueError(f"{s.dataset}: {e}") from e
     epochs = s.epochs or size_epochs or profile.recipe.get('epochs', base_recipe(s.dataset).epochs)
     if epochs < 1: raise ValueError(f"epochs must be >= 1, got {epochs}")

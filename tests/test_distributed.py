@@ -10,7 +10,7 @@ from pmal.batches import DeviceBatches, LoaderBatches
 from pmal.data import ImageSet, load_openset
 from pmal.mining import mine_prototypes
 from pmal.models import EmbeddingClassifier
-from pmal.pipeline import PMAL, PMALConfig, PMALCriterion, mine_from_models
+from pmal.pipeline import PMALConfig, PMALCriterion, mine_from_models
 from pmal.robustness import topology_robustness
 from pmal.train import Recipe, fit
 

@@ -44,6 +44,14 @@ class Prototypes:
         "|C_k| for every class (K,)."
         return torch.bincount(self.labels[self.candidates], minlength=self.num_classes)
 
+    def shortfall(self):
+        """Where the candidate sets held fewer than T samples: |C_k| per class, how many classes fell short, and how
+        many prototypes were filled in from outside C_k (the class's next samples by quality, `pmal.diversity`).
+        JSON-able: a run's record carries it."""
+        counts = self.candidates_per_class()
+        return dict(candidates_per_class=counts.tolist(), classes_short=int((counts < self.T).sum()),
+                    filled=int((~self.candidates[self.indices.flatten()]).sum()))
+
     def class_samples(self, k):
         "Training-set indices of class k."
         return torch.nonzero(self.labels == k).flatten()

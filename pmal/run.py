@@ -299,6 +299,7 @@ def _execute(s, store, key, progress):
                            class_names=[str(c) for c in split.class_names], image_shape=list(split.image_shape),
                            n_train=len(part_labels(split.train)), n_test_known=len(part_labels(split.test_known)),
                            n_test_unknown=len(part_labels(split.test_unknown)))}
+    if prototypes is not None: record['mining'] = prototypes.shortfall()  # classes with fewer than T candidates
     store.write(record)
     return record
 
@@ -313,3 +314,7 @@ def show_record(record):
         print(f"{r:<8}" + ''.join(f"{100 * record['metrics'].get(f'{r}_{m}', float('nan')):8.1f}" for m in ('acc', 'auroc', 'oscr', 'fpr95')))
     print('timings: ' + ', '.join(f"{k} {v:.1f}" for k, v in record['timings'].items()))
     if record.get('reused'): print('reused:', record['reused'])
+    short = record.get('mining', {})  # PMAL records from before 2026-12-07 have no 'mining'
+    if short.get('classes_short'):
+        print(f"mining: {short['classes_short']} of {len(short['candidates_per_class'])} classes had fewer than T candidates; "
+              f"{short['filled']} prototypes filled in from outside the candidates")

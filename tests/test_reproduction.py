@@ -21,6 +21,7 @@ from pmal.run import execute_run, phase1_dir, load_run_split
 from pmal.targets import make_request, grid, unique_runs
 from pmal.tables import write_table, table_rows
 from pmal.figures import write_figure
+from pmal.mining import Prototypes
 from pmal.driver import run_notebook, template_dir, template_parameters
 
 # ---- settings, profiles, keys ---------------------------------------------------------------------------------
@@ -118,6 +119,8 @@ def test_run_template_writes_a_record(tmp_path, tiny):
     assert record['summary']['rule'] == 'dr' and record['timings']['total_s'] > 0
     assert {'torch', 'pmal', 'sklearn'} <= set(record['versions']) and record['hardware']['device'] == 'cpu'
     with np.load(tmp_path / record['artifacts']['prototypes']) as f: assert f['indices'].shape == (6, 3)
+    mined = Prototypes.load(tmp_path / record['artifacts']['prototypes'])
+    assert record['mining'] == mined.shortfall() and len(record['mining']['candidates_per_class']) == 6
     with np.load(tmp_path / record['artifacts']['figure_data']) as f:
         assert f['proto_z'].shape[:2] == (6, 3) and (f['test_label'] == -1).any() and len(f['r']) == record['data']['n_train']
     assert (store.work_dir(run_key(s)) / 'phase2.pt').exists()

@@ -11,8 +11,8 @@ and 20% of the other 15 classes' training images as pseudo-known test images (6,
   prototypes  where each finished PMAL run of a store put its prototypes, from the runs' figure data (no data, no
           training): their mean quality score q (r, or the run's quality rule) against the pool's (the candidates, and the
           images a shortfall under T was filled with), their spread, their distance from the pool's centre in M1's
-          centred logits (the space Algorithm 1 measures diversity in), the share of them filled in from outside the
-          candidates, and how the distance from the centre ranks against DR AUROC over the runs that differ only in
+          centred logits (the space Algorithm 1 measures diversity in), the classes with fewer / more than T candidates
+          and the share of prototypes filled in from outside them, and how the distance from the centre ranks against DR AUROC over the runs that differ only in
           the mining
 
 Usage: python benchmarks/study_tiny_cpu.py recipe classifier32_small:40:0.7:0.001:15 --data-root DATA
@@ -112,7 +112,7 @@ def study_scaling(store, data_root, split_index=0):
 
 def prototype_placement(d):
     """Class means of: the prototypes' quality score, the pool's, their pairwise distance, their distance to the pool's
-    centre / the pool's own, and the share of prototypes from outside the candidates. The pool is what the rule chose
+    centre / the pool's own. The pool is what the rule chose
     from: the class's candidates, and where it had fewer than T of them, the images the shortfall was filled with (the
     next by quality, pmal.diversity); a ratio over a pool of one image is undefined (nan) and left out of the mean."""
     import numpy as np
@@ -129,9 +129,20 @@ def prototype_placement(d):
         pairs = pdist(c[pick])
         pairwise = pairs.mean() if len(pairs) else np.nan  # one prototype per class (T = 1): no pairs
         ratio = from_centre(c[pick]) / spread if spread > 0 else np.nan
-        rows.append((q[pick].mean(), q[pool].mean(), pairwise, ratio, 1 - d['candidates'][pick].mean()))
+        rows.append((q[pick].mean(), q[pool].mean(), pairwise, ratio))
     rows = np.array(rows)
     return tuple(np.nanmean(col) if np.isfinite(col).any() else np.nan for col in rows.T)
+
+
+def candidate_counts(d):
+    """From `pmal.mining.Prototypes.shortfall`: the classes with fewer than T candidates, the classes with more (where
+    the diversity rule had a choice), and the share of prototypes filled in from outside the candidates."""
+    import numpy as np
+    import torch
+    from pmal.mining import Prototypes
+    P = Prototypes(*(torch.from_numpy(np.asarray(d[k])) for k in ('indices', 'r', 'candidates', 'labels')))
+    short = P.shortfall()
+    return short['classes_short'], sum(n > P.T for n in short['candidates_per_class']), short['filled'] / P.indices.numel()
 
 
 # Everything but the mining (quality rule, diversity rule, ε) at PMAL's defaults: runs that differ only in where the
@@ -142,10 +153,9 @@ NOT_MINING = ('T', 'U', 'delta', 'lambda_p', 'distance')
 def placement_against_auroc(runs):
     """Spearman's rank correlation of the centre ratio with DR AUROC over `runs` (settings, ratio, auroc) that keep
     NOT_MINING at PMALConfig's defaults; returns (rho, p-value, number of runs), rho None under 3 runs."""
-    from dataclasses import asdict
     from scipy.stats import spearmanr
     from pmal.pipeline import PMALConfig
-    defaults = {k: asdict(PMALConfig())[k] for k in NOT_MINING}
+    defaults = {k: getattr(PMALConfig(), k) for k in NOT_MINING}
     kept = [(ratio, auroc) for s, ratio, auroc in runs if all(s[k] == v for k, v in defaults.items())]
     if len(kept) < 3: return None, None, len(kept)
     rho, p = spearmanr(*zip(*kept))
@@ -158,15 +168,16 @@ def study_prototypes(store, split_index=0):
     from pmal.figures import load_figure_data
     store = ResultsStore(store)
     runs = [r for r in store.records() if r['settings']['method'] == 'pmal' and r['settings']['split'] == split_index]
-    print(f"{'run':<44} {'quality':<18} {'diversity':<10} {'eps':>4} {'T':>3} {'DR distance':<12}  q(protos)  q(pool) pairwise  centre ratio  filled  DR AUROC")
+    print(f"{'run':<44} {'quality':<18} {'diversity':<10} {'eps':>4} {'T':>3} {'DR distance':<12}  q(protos)  q(pool) pairwise  centre ratio  short  chose  filled  DR AUROC")
     placed = []
     for rec in sorted(runs, key=lambda r: r['key']):
         d = load_figure_data(store, rec['key'])  # None: not done, or its figure data is not on this machine
         if d is None: continue
         s = rec['settings']
-        q_protos, q_pool, pairwise, ratio, filled = prototype_placement(d)
+        q_protos, q_pool, pairwise, ratio = prototype_placement(d)
+        short, chose, filled = candidate_counts(d)
         print(f"{rec['key']:<44} {s['quality']:<18} {s['diversity']:<10} {s['eps']:>4} {s['T']:>3} {s['distance']:<12}  {q_protos:9.3f} {q_pool:8.3f} "
-              f"{pairwise:8.2f}  {ratio:12.2f}  {filled:6.2f}  {100 * rec['metrics']['dr_auroc']:8.1f}")
+              f"{pairwise:8.2f}  {ratio:12.2f}  {short:5d}  {chose:5d}  {filled:6.2f}  {100 * rec['metrics']['dr_auroc']:8.1f}")
         placed.append((s, ratio, rec['metrics']['dr_auroc']))
     rho, p, n = placement_against_auroc(placed)
     if rho is not None:

@@ -1,5 +1,6 @@
 "The study scripts' measures (benchmarks/study_tiny_cpu.py), on hand-made figure data whose answers are known."
 import importlib.util
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -26,10 +27,10 @@ def figure_data(pick):
 
 
 def test_prototypes_at_the_class_edges_are_far_from_the_centre(study):
-    r_p, r_c, pairwise, ratio, filled = study.prototype_placement(figure_data([[0, 4], [5, 9]]))
+    r_p, r_c, pairwise, ratio = study.prototype_placement(figure_data([[0, 4], [5, 9]]))
     assert np.isclose(r_p, .3) and np.isclose(r_c, .3)  # the non-candidate (r = .9) is not in the candidates' mean
     assert np.isclose(pairwise, 4.)
-    assert np.isclose(ratio, 2. / 1.2) and filled == 0  # mean |x - centre| of the picks (2) over the candidates' (6/5)
+    assert np.isclose(ratio, 2. / 1.2) and study.candidate_counts(figure_data([[0, 4], [5, 9]]))[2] == 0  # mean |x - centre| of the picks (2) over the candidates' (6/5)
 
 
 def test_prototypes_at_the_centre_and_the_candidates_themselves(study):
@@ -39,10 +40,9 @@ def test_prototypes_at_the_centre_and_the_candidates_themselves(study):
 
 
 def test_one_prototype_per_class_has_no_pairwise_distance(study):
-    import warnings
     with warnings.catch_warnings():
         warnings.simplefilter('error')  # numpy's 'Mean of empty slice' would fail here
-        r_p, _, pairwise, ratio, _ = study.prototype_placement(figure_data([[4], [9]]))
+        r_p, _, pairwise, ratio = study.prototype_placement(figure_data([[4], [9]]))
     assert np.isnan(pairwise) and np.isclose(ratio, 2. / 1.2) and np.isclose(r_p, .5)
 
 
@@ -50,12 +50,11 @@ def test_a_class_short_of_candidates_is_measured_against_the_pool_it_was_filled_
     "Class 0 has one candidate; T = 2 fills its second prototype from outside (the non-candidate at 50), as a high eps does."
     d = figure_data([[4, 10], [5, 9]])
     d['candidates'][:4] = False
-    import warnings
     with warnings.catch_warnings():
         warnings.simplefilter('error')  # a division by a zero spread would fail here
-        r_p, r_pool, pairwise, ratio, filled = study.prototype_placement(d)
+        r_p, r_pool, pairwise, ratio = study.prototype_placement(d)
     assert np.isclose(ratio, (1. + 2. / 1.2) / 2)  # class 0: pool {2, 50}, both picked, ratio 1; class 1 as before
-    assert np.isclose(filled, .25) and np.isclose(r_pool, ((.5 + .9) / 2 + .3) / 2) and np.isclose(pairwise, (48 + 4) / 2)
+    assert study.candidate_counts(d) == (1, 1, .25) and np.isclose(r_pool, ((.5 + .9) / 2 + .3) / 2) and np.isclose(pairwise, (48 + 4) / 2)
     one = study.prototype_placement({**d, 'indices': np.array([[4], [9]])})  # class 0: a pool of one, no ratio
     assert np.isclose(one[3], 2. / 1.2)  # the mean of the classes that have one
 

@@ -150,13 +150,15 @@ def candidate_counts(d):
 NOT_MINING = ('T', 'U', 'delta', 'lambda_p', 'distance')
 
 
-def placement_against_auroc(runs):
+def placement_against_auroc(runs, seed=0):
     """Spearman's rank correlation of the centre ratio with DR AUROC over `runs` (settings, ratio, auroc) that keep
-    NOT_MINING at PMALConfig's defaults; returns (rho, p-value, number of runs), rho None under 3 runs."""
+    NOT_MINING at PMALConfig's defaults and share one seed (another seed: other phase-1 models); returns (rho, p-value,
+    number of runs), rho None under 3 runs."""
     from scipy.stats import spearmanr
     from pmal.pipeline import PMALConfig
     defaults = {k: getattr(PMALConfig(), k) for k in NOT_MINING}
-    kept = [(ratio, auroc) for s, ratio, auroc in runs if all(s[k] == v for k, v in defaults.items())]
+    kept = [(ratio, auroc) for s, ratio, auroc in runs
+            if s.get('seed', 0) == seed and all(s[k] == v for k, v in defaults.items())]
     if len(kept) < 3: return None, None, len(kept)
     rho, p = spearmanr(*zip(*kept))
     return float(rho), float(p), len(kept)

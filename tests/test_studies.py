@@ -67,3 +67,6 @@ def test_placement_against_auroc_keeps_only_runs_that_differ_in_the_mining(study
     other = [({**base, 'delta': 1.0}, 2.0, .90), ({**base, 'T': 1}, 1.1, .10), ({**base, 'distance': 'nearest'}, 3.0, .95)]
     assert study.placement_against_auroc(runs + other)[:3] == (rho, p, 4)  # phase 2 or the rule changed: left out
     assert study.placement_against_auroc(runs[:2] + other) == (None, None, 2)
+    repetition = [({**base, 'seed': 1}, 1.0, .10), ({**base, 'seed': 2}, 3.0, .95)]  # other phase-1 models
+    assert study.placement_against_auroc(runs + repetition)[:3] == (rho, p, 4)
+    assert study.placement_against_auroc(runs + repetition, seed=1)[2] == 1

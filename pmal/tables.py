@@ -192,17 +192,17 @@ def _paper_difference(cells, a, b):
     if any(r is None or r['dataset'] != cells[0].column for r in refs): return None
     return refs[0]['value'] - refs[1]['value']
 
-def _ablation_part(store, cells, a, b):
-    "'(c) − (a) +3.2 / +3.9 [paper +1.3]': row `a` − row `b` (AUROC / ACC, paired), or None where no pair has finished."
+def _difference_part(store, cells, a, b, name):
+    "'NAME +3.2 / +3.9 [paper +1.3]': row `a` − row `b` (AUROC / ACC, paired), or None where no pair has finished."
     d = {m: paired_differences(store, cells, a, b, m) for m in ('auroc', 'acc')}
     if not d['auroc']['n']: return None
     paper = _paper_difference(cells, a, b)
-    return (f"{a.split()[0]} − {b.split()[0]} {d['auroc']['mean']:+.1f} / {d['acc']['mean']:+.1f}"
+    return (f"{name} {d['auroc']['mean']:+.1f} / {d['acc']['mean']:+.1f}"
             + (f" ({d['auroc']['n']} pairs)" if d['auroc']['n'] > 1 else '') + (f" [paper {paper:+.1f}]" if paper is not None else ''))
 
 def _ablation_note(store, ds, cells):
     row = {c.row.split()[0]: c.row for c in cells}  # '(c)' -> '(c) quality + point-to-set'
-    parts = {component: [p for a, b in pairs if (p := _ablation_part(store, cells, row[a], row[b]))]
+    parts = {component: [p for a, b in pairs if (p := _difference_part(store, cells, row[a], row[b], f"{a} − {b}"))]
              for component, pairs in ABLATION_PAIRS}
     groups = [f"{component} " + ', '.join(ps) for component, ps in parts.items() if ps]
     if groups: return (f"{ds}, one component at a time (the row with it − the row without, paired by split and seed; "
@@ -212,6 +212,18 @@ def _ablation_notes(store, request, cells):
     "Table 3: each component's effect (row with it − row without, paired by split and seed) in AUROC / ACC, beside the paper's."
     return _per_dataset(request, cells, 'table3', partial(_ablation_note, store))
 
+
+# %% ../nbs/34_tables.ipynb #c3a1b7d6
+def _alternatives_note(store, ds, cells):
+    ours = next((c.row for c in cells if c.row.startswith('ours')), None)
+    others = [row for row in dict.fromkeys(c.row for c in cells) if row != ours]
+    parts = [p for row in others if (p := _difference_part(store, cells, ours, row, f"ours − {row.split(': ', 1)[-1]}"))]
+    if parts: return (f"{ds}, PMAL's own rules against each alternative (ours − the row, paired by split and seed; AUROC / "
+                      "ACC points; the paper's AUROC difference in brackets): " + '; '.join(parts) + '.')
+
+def _alternatives_notes(store, request, cells):
+    "Table 4: ours (robustness + Algorithm 1) − each alternative rule (paired by split and seed) in AUROC / ACC, beside the paper's."
+    return _per_dataset(request, cells, 'table4', partial(_alternatives_note, store))
 
 # %% ../nbs/34_tables.ipynb #28952df1
 def _machine_notes(store, cells, listed=8):
@@ -237,7 +249,7 @@ def write_table(store, request, cells=None):
     rows = table_rows(store, cells)
     md = table_markdown(TABLE_TITLES[request['target']] + f" — {', '.join(request['datasets'])}", rows,
                         _table_notes(request, cells) + _paired_notes(store, request, cells)
-                        + _ablation_notes(store, request, cells)
+                        + _ablation_notes(store, request, cells) + _alternatives_notes(store, request, cells)
                         + _machine_notes(store, cells))
     stem = store.tables_dir / request_stem(request)
     with atomic_write(stem.with_suffix('.md'), 'w') as f: f.write(md)

@@ -37,20 +37,32 @@ def test_readme_tinyimagenet_rows_match_the_committed_table():
 
 
 
-def _page_and_rows(table_name, *starts):
-    "The results page's lines and the cells of the committed float32 table's rows that start with one of `starts`."
-    table = (RESULTS / 'tiny_cpu_fp32' / 'tables' / table_name).read_text()
+def _hand_table(heading):
+    "The lines of the results page's hand-laid table under the paragraph that opens with `heading` (its first table after it)."
+    page = (RESULTS / 'tinyimagenet.md').read_text().splitlines()
+    start = next(i for i, line in enumerate(page) if line.startswith(heading))
+    first = next(i for i in range(start, len(page)) if page[i].startswith('|'))
+    end = next((i for i in range(first, len(page)) if not page[i].startswith('|')), len(page))
+    return page[first:end]
+
+
+def _page_and_rows(table_name, *starts, store='tiny_cpu_fp32'):
+    "The results page's lines and the cells of the committed table's rows (a store's) that start with one of `starts`."
+    table = (RESULTS / store / 'tables' / table_name).read_text()
     rows = [[c.strip() for c in line.split('|')] for line in table.splitlines() if line.startswith(starts)]
     return (RESULTS / 'tinyimagenet.md').read_text().splitlines(), rows
 
 
-def test_results_page_float32_table4_rows_match_the_committed_table():
-    "The results page's hand-laid Table 4 (float32, with each run's time) carries the committed table's ACC, AUROC and paper numbers."
-    page, rows = _page_and_rows('table4_tinyimagenet_tiny_cpu_fp32.md', '| quality:', '| diversity:', '| ours')
-    assert len(rows) == 6
-    for cells in rows:
+@pytest.mark.parametrize('store, heading', [('tiny_cpu_fp32', '**Table 4 in float32**'), ('tiny_cpu', '**Table 4 in bf16**')])
+def test_results_page_table4_rows_match_the_committed_table(store, heading):
+    "The results page's hand-laid Table 4 (with each run's time) carries the committed table's ACC, AUROC and paper numbers, row by row."
+    _, rows = _page_and_rows(f'table4_tinyimagenet_{store}.md', '| quality:', '| diversity:', '| ours', store=store)
+    hand = _hand_table(heading)
+    done = [cells for cells in rows if cells[5] != 'missing']
+    assert len(rows) == 6 and len(hand) == 2 + len(done)  # header, rule, one line per finished row
+    for cells in done:
         row, acc, acc_paper, auroc, auroc_paper = cells[1], cells[5], cells[6], cells[8], cells[9]
-        mine = [line for line in page if line.startswith(f'| {row}')]
+        mine = [line for line in hand if line.startswith(f'| {row}')]
         assert any(f"| {acc} | {auroc} | {acc_paper} / {auroc_paper} |" in line for line in mine), (row, acc, auroc)
 
 
@@ -69,20 +81,21 @@ PRETTY = {'T': 'T', 'eps': 'ε', 'U': 'U', 'delta': 'δ', 'lambda_p': 'λ_p'}
 DEFAULTS = {f'{k}={getattr(PMALConfig(), k)}' for k in PRETTY}  # the paper's defaults, as Table 5 labels its rows
 
 
-def _table5_done_rows():
-    "The finished rows of the committed float32 Table 5 as (page label, ACC, AUROC, paper AUROC); the defaults once, as T = 10."
-    _, rows = _page_and_rows('table5_tinyimagenet_tiny_cpu_fp32.md', *(f'| {k}=' for k in PRETTY))
+def _table5_done_rows(store='tiny_cpu_fp32'):
+    "The finished rows of a store's committed Table 5 as (page label, ACC, AUROC, paper AUROC); the defaults once, as T = 10."
+    _, rows = _page_and_rows(f'table5_tinyimagenet_{store}.md', *(f'| {k}=' for k in PRETTY), store=store)
     done = [c for c in rows if c[5] != 'missing' and (c[1] == 'T=10' or c[1] not in DEFAULTS)]
     return [(' = '.join([PRETTY[c[1].split('=')[0]], c[1].split('=')[1]]), c[5], c[8], c[9]) for c in done]
 
 
-def test_results_page_float32_table5_rows_match_the_committed_table():
-    "The results page's hand-laid Table 5 (float32, the rows run so far) carries every finished row of the committed table."
-    page, _ = _page_and_rows('table5_tinyimagenet_tiny_cpu_fp32.md')
-    done = _table5_done_rows()
-    assert len(done) >= 5
+@pytest.mark.parametrize('store, heading', [('tiny_cpu_fp32', '**Table 5 in float32**'), ('tiny_cpu', '**Table 5 in bf16**')])
+def test_results_page_table5_rows_match_the_committed_table(store, heading):
+    "The results page's hand-laid Table 5 (the rows run so far, with each run's time) carries every finished row of the committed table."
+    hand = _hand_table(heading)
+    done = _table5_done_rows(store)
+    assert len(done) >= 3 and len(hand) == 2 + len(done)
     for label, acc, auroc, auroc_paper in done:
-        mine = [line for line in page if line.startswith((f'| {label} |', f'| {label} ('))]
+        mine = [line for line in hand if line.startswith((f'| {label} |', f'| {label} ('))]
         assert any(f"| {acc} | {auroc} | {auroc_paper} |" in line for line in mine), (label, acc, auroc)
 
 

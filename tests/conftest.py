@@ -1,6 +1,8 @@
-"""Fixtures shared by the package-level tests: a tiny digits profile, and `pmal-reproduce` as a user starts it, in a
-child process with one torch thread."""
+"""Fixtures shared by the package-level tests: a tiny digits profile, `pmal-reproduce` as a user starts it, in a
+child process with one torch thread, and the benchmark scripts loaded as modules."""
+import importlib.util
 import os, sys
+from pathlib import Path
 
 import pytest
 
@@ -25,3 +27,11 @@ def driver():
 def child_env():
     "The environment of a child process: this one, with one torch thread."
     return {**os.environ, 'OMP_NUM_THREADS': '1', 'MKL_NUM_THREADS': '1'}
+
+
+def load_benchmark(name):
+    "benchmarks/<name>.py as a module (the scripts are not a package), to test their functions."
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / 'benchmarks' / f'{name}.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

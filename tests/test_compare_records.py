@@ -1,19 +1,13 @@
 "benchmarks/compare_records.py: does a rerun give the committed record's metrics to the last bit?"
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / 'benchmarks' / 'compare_records.py'
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope='module')
-def tool():
-    spec = importlib.util.spec_from_file_location('compare_records', SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def tool(): return load_benchmark('compare_records')
 
 
 def write_record(folder, key, **metrics):

@@ -1,20 +1,14 @@
 "The study scripts' measures (benchmarks/study_tiny_cpu.py), on hand-made figure data whose answers are known."
-import importlib.util
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / 'benchmarks' / 'study_tiny_cpu.py'
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope='module')
-def study():
-    spec = importlib.util.spec_from_file_location('study_tiny_cpu', SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def study(): return load_benchmark('study_tiny_cpu')
 
 
 def figure_data(pick):

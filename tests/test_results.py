@@ -99,12 +99,13 @@ def test_results_page_table5_rows_match_the_committed_table(store, heading):
         assert any(f"| {acc} | {auroc} | {auroc_paper} |" in line for line in mine), (label, acc, auroc)
 
 
-def test_readme_float32_table5_list_matches_the_committed_table():
-    "The README's list of float32 Table 5 rows (DR AUROC / ACC [paper AUROC]) carries every finished row of the table."
+@pytest.mark.parametrize('store, opening', [('tiny_cpu_fp32', 'Float32 Table 5 so far'), ('tiny_cpu', 'bf16 Table 5 so far')])
+def test_readme_table5_list_matches_the_committed_table(store, opening):
+    "The README's list of a store's Table 5 rows (DR AUROC / ACC [paper AUROC]) carries every finished row of the table."
     readme = ' '.join((RESULTS.parent / 'README.md').read_text().split())
-    start = readme.index('Float32 Table 5 so far')
-    listed = readme[start:readme.index('([`results/tiny_cpu_fp32/tables/table5', start)]
-    done = _table5_done_rows()
+    start = readme.index(opening)
+    listed = readme[start:readme.index(f'([`results/{store}/tables/table5', start)]
+    done = _table5_done_rows(store)
     for label, acc, auroc, auroc_paper in done:
         assert re.search(rf'{re.escape(label)}( \(the defaults\))? {auroc} / {acc} \[{auroc_paper}\]', listed), (label, listed)
     assert len(re.findall(r'\[\d', listed)) == len(done), listed
